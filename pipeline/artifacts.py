@@ -1,0 +1,197 @@
+"""Stage artifacts: `weights/<name>.safetensors` + `<name>.json` manifest, written atomically.
+
+The manifest holds the stage, its resolved config, the model spec, the dataset fingerprint, the
+sha256 of each parent artifact, metrics, code version and time. A stage reads its parents through
+`load_artifact`, which stops with one line naming the stage to run when a parent is missing,
+damaged or made from another dataset.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline import __version__
+from pipeline.errors import UserError
+
+# stage -> artifact it writes
+ARTIFACT_OF_STAGE = {
+    "pretrain_eo": "eo_teacher",
+    "distill_sar": "sar_student",
+    "finetune_head": "sar_final",
+}
+STAGE_OF_ARTIFACT = {v: k for k, v in ARTIFACT_OF_STAGE.items()}
+
+
+@dataclass(frozen=True)
+class ArtifactPaths:
+    """Every file that belongs to one artifact, side by side in the weights dir."""
+
+    weights: Path
+    manifest: Path
+    metrics_csv: Path
+    resume: Path
+    split: Path
+
+    @classmethod
+    def of(cls, weights_dir: str | Path, name: str) -> "ArtifactPaths":
+        base = Path(weights_dir) / name
+        return cls(
+            weights=base.with_suffix(".safetensors"),
+            manifest=base.with_suffix(".json"),
+            metrics_csv=Path(f"{base}.metrics.csv"),
+            resume=Path(f"{base}.resume.pt"),
+            split=Path(f"{base}.split.csv"),
+        )
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write to a temporary name in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    tmp = _tmp_path(path)
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def code_version() -> str:
+    """Package version plus the git commit (and '+dirty') when run from a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root, capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    if not sha:
+        return __version__
+    return f"{__version__}+{sha}{'.dirty' if dirty else ''}"
+
+
+def make_manifest(
+    stage: str,
+    config: dict[str, Any],
+    model_spec: dict[str, Any],
+    dataset_fingerprint: str,
+    parents: dict[str, str],
+    metrics: dict[str, Any],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The manifest of a new artifact; `parents` maps parent artifact name -> its sha256."""
+    return {
+        "stage": stage,
+        "artifact": ARTIFACT_OF_STAGE.get(stage, stage),
+        "config": config,
+        "model": model_spec,
+        "dataset_fingerprint": dataset_fingerprint,
+        "parents": parents,
+        "metrics": metrics,
+        "code_version": code_version(),
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **extra,
+    }
+
+
+def save_artifact(
+    weights_dir: str | Path, name: str, state_dict: dict[str, torch.Tensor], manifest: dict[str, Any]
+) -> Path:
+    """Write `<name>.safetensors` and `<name>.json` atomically; the previous pair becomes `<name>.prev.*`."""
+    paths = ArtifactPaths.of(weights_dir, name)
+    paths.weights.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    tmp_weights = _tmp_path(paths.weights)
+    save_file(tensors, str(tmp_weights))
+    manifest = dict(manifest, weights_sha256=sha256_file(tmp_weights))
+    tmp_manifest = _tmp_path(paths.manifest)
+    tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+    if paths.weights.exists() and paths.manifest.exists():
+        os.replace(paths.weights, paths.weights.with_suffix(".prev.safetensors"))
+        os.replace(paths.manifest, paths.manifest.with_suffix(".prev.json"))
+    os.replace(tmp_weights, paths.weights)
+    os.replace(tmp_manifest, paths.manifest)
+    return paths.weights
+
+
+def _producer_hint(name: str) -> str:
+    stage = STAGE_OF_ARTIFACT.get(name)
+    return f"run `python -m stages.{stage}` first" if stage else "run the stage that writes it first"
+
+
+def read_manifest(weights_dir: str | Path, name: str) -> dict[str, Any]:
+    """The manifest of artifact `name`; UserError naming the producing stage if it is missing."""
+    paths = ArtifactPaths.of(weights_dir, name)
+    if not paths.manifest.is_file() or not paths.weights.is_file():
+        raise UserError(f"artifact {paths.weights.with_suffix('')} not found: {_producer_hint(name)}")
+    try:
+        return json.loads(paths.manifest.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"manifest {paths.manifest} is damaged: {_producer_hint(name)} again") from None
+
+
+def load_artifact(
+    weights_dir: str | Path, name: str, dataset_fingerprint: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights and manifest of a parent artifact, checked against its sha256 and the dataset."""
+    manifest = read_manifest(weights_dir, name)
+    paths = ArtifactPaths.of(weights_dir, name)
+    if sha256_file(paths.weights) != manifest.get("weights_sha256"):
+        raise UserError(
+            f"artifact {paths.weights} does not match its manifest (damaged or half-written): "
+            f"{_producer_hint(name)} again"
+        )
+    if dataset_fingerprint is not None and manifest.get("dataset_fingerprint") != dataset_fingerprint:
+        raise UserError(
+            f"artifact {name} was made from another dataset (or other pack settings / held-out classes): "
+            f"{_producer_hint(name)} on this data"
+        )
+    return load_file(str(paths.weights)), manifest
+
+
+def is_fresh(
+    weights_dir: str | Path,
+    name: str,
+    config: dict[str, Any],
+    dataset_fingerprint: str,
+    parents: dict[str, str],
+) -> bool:
+    """True when artifact `name` exists, is intact, and was made from this config, data and parents."""
+    paths = ArtifactPaths.of(weights_dir, name)
+    if not (paths.manifest.is_file() and paths.weights.is_file()):
+        return False
+    try:
+        manifest = json.loads(paths.manifest.read_text())
+    except json.JSONDecodeError:
+        return False
+    same_inputs = (
+        json.dumps(manifest.get("config"), sort_keys=True) == json.dumps(config, sort_keys=True)
+        and manifest.get("dataset_fingerprint") == dataset_fingerprint
+        and manifest.get("parents") == parents
+    )
+    return same_inputs and sha256_file(paths.weights) == manifest.get("weights_sha256")

@@ -1,0 +1,62 @@
+"""Classification, OOD and competition metrics (numpy in, floats out)."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts[i, j] = number of samples of true class i predicted as j."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes**2).reshape(
+        num_classes, num_classes
+    )
+
+
+def per_class_recall(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Recall of each class; NaN for a class with no true samples."""
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    support = cm.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(support > 0, np.diag(cm) / np.maximum(support, 1), np.nan)
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict:
+    """Accuracy, balanced accuracy (mean recall over classes present), macro-F1, per-class recall."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    if y_true.size == 0:
+        raise ValueError("no samples to score")
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    tp = np.diag(cm).astype(np.float64)
+    present = support > 0
+    recall = np.where(present, tp / np.maximum(support, 1), np.nan)
+    precision = np.where(predicted > 0, tp / np.maximum(predicted, 1), 0.0)
+    f1 = np.where(
+        (precision + np.nan_to_num(recall)) > 0,
+        2 * precision * np.nan_to_num(recall) / np.maximum(precision + np.nan_to_num(recall), 1e-12),
+        0.0,
+    )
+    return {
+        "accuracy": float(tp.sum() / y_true.size),
+        "balanced_accuracy": float(np.nanmean(recall[present])),
+        "macro_f1": float(f1[present].mean()),
+        "per_class_recall": [None if np.isnan(r) else float(r) for r in recall],
+    }
+
+
+def auroc(is_in_distribution: np.ndarray, score: np.ndarray) -> float:
+    """AUROC of `score` with in-distribution as the positive class; NaN if only one kind is present."""
+    labels = np.asarray(is_in_distribution, dtype=bool)
+    if labels.all() or not labels.any():
+        return float("nan")
+    return float(roc_auc_score(labels, np.asarray(score, dtype=np.float64)))
+
+
+def competition_score(accuracy: float, auroc_value: float) -> float:
+    """The challenge metric: 0.75 x top-1 accuracy (in-distribution) + 0.25 x AUROC."""
+    return 0.75 * accuracy + 0.25 * auroc_value
