@@ -1,0 +1,15 @@
+"""Maximum logit (Hendrycks et al. 2022). Higher = more in-distribution."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pipeline.ood import check_temperature, logits_array
+
+
+def maxlogit_score(logits: Any, temperature: float = 1.0) -> np.ndarray:
+    """max logit per row, float64 (N,); `temperature` is checked but cancels out (T·max(l/T) = max l)."""
+    check_temperature(temperature)
+    return logits_array(logits).max(axis=1)

@@ -1,0 +1,167 @@
+"""End-to-end driver behind run_all.sh: data if needed, the four stages in order, one summary table.
+
+Each stage runs in its own process (under torchrun with --gpus N > 1). A stage whose artifact is up to
+date (same config, dataset and parents) is skipped by the stage itself unless --force. A failing stage
+ends the run with its own message and exit code; earlier artifacts stay, and a rerun picks up there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.artifacts import ARTIFACT_OF_STAGE, ArtifactPaths
+from pipeline.config import STAGES
+from pipeline.errors import UserError, exit_on_user_error
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO_ROOT / "data" / "synthetic"
+TRAINING_STAGES = ("pretrain_eo", "distill_sar", "finetune_head")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bash run_all.sh",
+        description="Run pretrain_eo -> distill_sar -> finetune_head -> infer and print one summary table.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", type=Path, default=None, help="dataset root (default: data/synthetic, generated on first use)")
+    p.add_argument("--train-dir", default=None, help="generic layout: training split folder name")
+    p.add_argument("--test-dir", default=None, help="test folder name (official) or labelled test split (generic)")
+    p.add_argument("--profile", default="quick", help="quick | full | tiny | path/to/profile.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override passed to every stage (repeatable)")
+    p.add_argument("--holdout-classes", default=None, help="classes left out of training and scored as OOD at test")
+    p.add_argument("--from", dest="from_stage", choices=STAGES, default=None, help="start at this stage")
+    p.add_argument("--only", choices=STAGES, default=None, help="run only this stage")
+    p.add_argument("--force", action="store_true", help="rerun stages even when their artifacts are up to date")
+    p.add_argument("--resume", action="store_true", help="continue interrupted training from its last epoch checkpoint")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per training stage (torchrun --nproc_per_node)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--weights", type=Path, default=REPO_ROOT / "weights")
+    p.add_argument("--submissions", type=Path, default=REPO_ROOT / "submissions")
+    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images instead of stopping")
+    p.add_argument("--synth-scale", default="quick", help="scale of the synthetic dataset generated when --data is not given")
+    return p
+
+
+def selected_stages(args: argparse.Namespace) -> list[str]:
+    if args.only:
+        return [args.only]
+    start = STAGES.index(args.from_stage) if args.from_stage else 0
+    return list(STAGES[start:])
+
+
+def stage_command(stage: str, args: argparse.Namespace, data: Path) -> list[str]:
+    launcher = [sys.executable, "-m"]
+    if args.gpus > 1 and stage in STAGES:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}", "-m"]
+    cmd = [*launcher, f"stages.{stage}", "--data", str(data), "--profile", str(args.profile),
+           "--weights", str(args.weights), "--device", args.device]
+    for flag, value in (("--train-dir", args.train_dir), ("--test-dir", args.test_dir), ("--seed", args.seed),
+                        ("--holdout-classes", args.holdout_classes), ("--cache-dir", args.cache_dir)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    for item in args.overrides:
+        cmd += ["--set", item]
+    if args.skip_bad:
+        cmd.append("--skip-bad")
+    if not args.force:
+        cmd.append("--skip-fresh")
+    if args.resume and stage in TRAINING_STAGES:
+        cmd.append("--resume")
+    if stage == "infer":
+        cmd += ["--submissions", str(args.submissions)]
+    return cmd
+
+
+def ensure_data(args: argparse.Namespace, console: Console) -> Path:
+    """The dataset root: --data as given, or the quick synthetic replica (generated once)."""
+    if args.data is not None:
+        if not args.data.is_dir():
+            raise UserError(f"--data {args.data}: no such folder (expected an official, NJUST-style or class-folder dataset)")
+        return args.data
+    if not DEFAULT_DATA.is_dir():
+        console.print(f"run_all: no --data given; generating the {args.synth_scale} synthetic dataset into {DEFAULT_DATA}")
+        rc = subprocess.call([sys.executable, "-m", "pipeline.data.synth", "--out", str(DEFAULT_DATA),
+                              "--scale", str(args.synth_scale), "--seed", "0"])
+        if rc != 0:
+            raise SystemExit(rc)
+    return DEFAULT_DATA
+
+
+def stage_metric(stage: str, weights: Path) -> str:
+    artifact = ARTIFACT_OF_STAGE.get(stage)
+    if artifact is None:
+        return ""
+    path = ArtifactPaths.of(weights, artifact).manifest
+    if not path.is_file():
+        return "-"
+    value = json.loads(path.read_text()).get("metrics", {}).get("balanced_accuracy")
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+
+
+def latest_submission(submissions: Path) -> Path | None:
+    pointer = submissions / "latest.txt"
+    if not pointer.is_file():
+        return None
+    run = submissions / pointer.read_text().strip()
+    return run if run.is_dir() else None
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    if args.gpus < 1:
+        raise UserError("--gpus must be at least 1")
+    data = ensure_data(args, console)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    rows = []
+    total_start = time.perf_counter()
+    for stage in selected_stages(args):
+        console.rule(f"[bold]{stage}")
+        start = time.perf_counter()
+        rc = subprocess.call(stage_command(stage, args, data), cwd=REPO_ROOT, env=env)
+        seconds = time.perf_counter() - start
+        rows.append((stage, seconds))
+        if rc != 0:
+            console.print(
+                f"[red]run_all: stage {stage} failed (exit {rc}); earlier artifacts are kept. "
+                f"Fix the cause and rerun the same command: finished stages are skipped.[/]"
+            )
+            return rc
+    table = Table(title="run_all summary")
+    table.add_column("stage")
+    table.add_column("time (s)", justify="right")
+    table.add_column("val balanced acc", justify="right")
+    for stage, seconds in rows:
+        table.add_row(stage, f"{seconds:.1f}", stage_metric(stage, args.weights))
+    table.add_row("total", f"{time.perf_counter() - total_start:.1f}", "")
+    console.print(table)
+    run = latest_submission(args.submissions) if "infer" in [r[0] for r in rows] else None
+    if run is not None:
+        summary = json.loads((run / "summary.json").read_text())
+        score = summary.get("score")
+        if score:
+            console.print(
+                f"submission: accuracy {score['accuracy']:.4f}  AUROC {score['auroc']:.4f}  "
+                f"competition score {score['competition_score']:.4f}  (balanced accuracy {score['balanced_accuracy']:.4f})"
+            )
+        else:
+            console.print("submission: no test labels available, not scored")
+        console.print(f"results: {run / 'results.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

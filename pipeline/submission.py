@@ -1,0 +1,305 @@
+"""Submission folders: `results.csv` validated then written, per-image predictions, summary, local scoring.
+
+`results.csv` has the header `image_id,class_id,score`, one row per test image; `score` is higher
+for more in-distribution images. A submission folder is created new for every run and never
+overwritten; `results.csv` is written last, so its presence marks a complete submission.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from pipeline.artifacts import atomic_write_text
+from pipeline.errors import UserError
+from pipeline.metrics import auroc, classification_metrics, competition_score, confusion_matrix
+
+RESULTS_COLUMNS = ("image_id", "class_id", "score")
+TRUTH_COLUMNS = ("image_id", "class_id")
+RESULTS_FILE = "results.csv"
+PREDICTIONS_FILE = "predictions.csv"
+SUMMARY_FILE = "summary.json"
+_SHOW = 5  # how many offending ids/rows a message lists
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_GOTCHA_NAME = re.compile(r"^gotcha(\d+)$", re.IGNORECASE)
+
+
+class SubmissionError(UserError):
+    """A submission table that the competition server would reject."""
+
+
+def image_id_from_name(filename: str) -> int:
+    """The numeric id in a test file name: 'Gotcha16683523.png' -> 16683523, '123.png' -> 123."""
+    stem = Path(filename).stem
+    match = _GOTCHA_NAME.match(stem)
+    if match:
+        return int(match.group(1))
+    if stem.isascii() and stem.isdigit():
+        return int(stem)
+    raise UserError(
+        f"cannot read an image id from test file '{filename}': expected Gotcha<digits>.png or <digits>.png"
+    )
+
+
+def _brief(values: Iterable[Any]) -> str:
+    values = list(values)
+    shown = ", ".join(str(v) for v in values[:_SHOW])
+    return shown + (f", ... ({len(values)} in all)" if len(values) > _SHOW else "")
+
+
+def _integer_column(df: pd.DataFrame, column: str) -> tuple[pd.Series, list[int]]:
+    """The column as float64 plus the row numbers whose value is not an integer number."""
+    values = pd.to_numeric(df[column], errors="coerce").astype(np.float64)
+    bad = ~np.isfinite(values) | (values != np.round(values))
+    if df[column].dtype == bool:
+        bad[:] = True
+    return values, list(np.flatnonzero(bad.to_numpy()))
+
+
+def validate_submission(
+    df: pd.DataFrame, expected_ids: Iterable[int] | None, num_classes: int = 10
+) -> None:
+    """Raise SubmissionError (one line listing every problem) unless `df` is a valid results table.
+
+    Valid: columns exactly image_id,class_id,score; ids integers, each exactly once, and exactly
+    `expected_ids` when given; class ids integers in 0..num_classes-1; scores finite numbers.
+    """
+    columns = [str(c) for c in df.columns]
+    if columns != list(RESULTS_COLUMNS):
+        raise SubmissionError(
+            f"submission columns are {','.join(columns) or '(none)'}: expected exactly {','.join(RESULTS_COLUMNS)}"
+        )
+    problems: list[str] = []
+    if len(df) == 0:
+        problems.append("no rows")
+    ids, bad_ids = _integer_column(df, "image_id")
+    if bad_ids:
+        problems.append(f"image_id not an integer in row(s) {_brief(bad_ids)}")
+    classes, bad_classes = _integer_column(df, "class_id")
+    out_of_range = np.flatnonzero(np.isfinite(classes) & ((classes < 0) | (classes >= num_classes)))
+    bad_classes = sorted(set(bad_classes) | set(out_of_range.tolist()))
+    if bad_classes:
+        problems.append(f"class_id not an integer in 0..{num_classes - 1} in row(s) {_brief(bad_classes)}")
+    scores = pd.to_numeric(df["score"], errors="coerce").astype(np.float64)
+    bad_scores = np.flatnonzero(~np.isfinite(scores.to_numpy()) | (df["score"].dtype == bool))
+    if bad_scores.size:
+        problems.append(f"score not a finite number in row(s) {_brief(bad_scores.tolist())}")
+    valid_ids = ids[np.isfinite(ids)].astype(np.int64)
+    counts = valid_ids.value_counts()
+    duplicates = sorted(counts.index[counts > 1].tolist())
+    if duplicates:
+        problems.append(f"duplicate image_id {_brief(duplicates)}")
+    if expected_ids is not None:
+        expected = {int(i) for i in expected_ids}
+        present = set(valid_ids.tolist())
+        missing, extra = sorted(expected - present), sorted(present - expected)
+        if missing:
+            problems.append(f"missing image_id {_brief(missing)}")
+        if extra:
+            problems.append(f"unexpected image_id {_brief(extra)}")
+    if problems:
+        raise SubmissionError("invalid submission: " + "; ".join(problems))
+
+
+def new_run_dir(submissions_dir: Path, run: str | None = None) -> Path:
+    """Create and return a new folder `submissions_dir/<run>` (default name: a YYYYmmdd-HHMMSS time).
+
+    An existing folder is never reused: a named run that exists is a UserError; a timestamp that
+    exists gets a suffix -1, -2, ... The folder is created with one mkdir (atomic).
+    """
+    submissions_dir = Path(submissions_dir)
+    if run is not None and (not _RUN_NAME.match(run) or run in (".", "..")):
+        raise UserError(f"run name '{run}' is invalid: use letters, digits, '.', '_' and '-' only")
+    try:
+        submissions_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create submissions folder {submissions_dir}: {err.strerror}") from None
+    if run is not None:
+        path = submissions_dir / run
+        try:
+            path.mkdir()
+        except FileExistsError:
+            raise UserError(
+                f"submission folder {path} already exists: choose another run name "
+                "(earlier submissions are never overwritten)"
+            ) from None
+        return path
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1000):
+        path = submissions_dir / (stamp if attempt == 0 else f"{stamp}-{attempt}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"cannot find a free submission folder name for {stamp} in {submissions_dir}")
+
+
+def write_submission(
+    run_dir: Path,
+    results: pd.DataFrame,
+    predictions: pd.DataFrame,
+    summary: dict[str, Any],
+    expected_ids: Iterable[int] | None,
+    num_classes: int = 10,
+) -> Path:
+    """Validate `results`, then write predictions.csv, summary.json and results.csv (last) atomically.
+
+    Returns the path of results.csv. Ids and class ids are written as integers, scores with the
+    shortest repr that reads back to the same float64.
+    """
+    run_dir = Path(run_dir)
+    validate_submission(results, expected_ids, num_classes)
+    if "image_id" not in predictions.columns or len(predictions) != len(results):
+        raise ValueError("predictions must have an image_id column and one row per result")
+    if (run_dir / RESULTS_FILE).exists():
+        raise UserError(f"{run_dir / RESULTS_FILE} already exists: earlier submissions are never overwritten")
+    table = pd.DataFrame(
+        {
+            "image_id": pd.to_numeric(results["image_id"]).astype(np.int64).to_numpy(),
+            "class_id": pd.to_numeric(results["class_id"]).astype(np.int64).to_numpy(),
+            "score": pd.to_numeric(results["score"]).astype(np.float64).to_numpy(),
+        }
+    )
+    atomic_write_text(run_dir / PREDICTIONS_FILE, predictions.to_csv(index=False))
+    atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, default=str) + "\n")
+    results_path = run_dir / RESULTS_FILE
+    atomic_write_text(results_path, table.to_csv(index=False))
+    return results_path
+
+
+def read_results(path: Path) -> pd.DataFrame:
+    """A results.csv as written by `write_submission` (or by hand); UserError if unreadable."""
+    return _read_csv(Path(path), "submission")
+
+
+def _read_csv(path: Path, what: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise UserError(f"{what} file {path} not found")
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{what} file {path} is not a readable CSV: {first}") from None
+
+
+def read_truth(path: Path, num_classes: int = 10) -> pd.DataFrame:
+    """Ground truth `image_id,class_id` (class_id -1 = OOD; other columns ignored) as int64 columns."""
+    path = Path(path)
+    df = _read_csv(path, "ground-truth")
+    missing = [c for c in TRUTH_COLUMNS if c not in df.columns]
+    if missing:
+        raise UserError(
+            f"ground-truth file {path} lacks column(s) {', '.join(missing)}: expected a header image_id,class_id"
+        )
+    ids, bad_ids = _integer_column(df, "image_id")
+    classes, bad_classes = _integer_column(df, "class_id")
+    out_of_range = np.flatnonzero(np.isfinite(classes) & ((classes < -1) | (classes >= num_classes)))
+    problems = []
+    if len(df) == 0:
+        problems.append("no rows")
+    if bad_ids:
+        problems.append(f"image_id not an integer in row(s) {_brief(bad_ids)}")
+    bad_classes = sorted(set(bad_classes) | set(out_of_range.tolist()))
+    if bad_classes:
+        problems.append(f"class_id not an integer in -1..{num_classes - 1} in row(s) {_brief(bad_classes)}")
+    if not bad_ids:
+        counts = ids.astype(np.int64).value_counts()
+        duplicates = sorted(counts.index[counts > 1].tolist())
+        if duplicates:
+            problems.append(f"duplicate image_id {_brief(duplicates)}")
+    if problems:
+        raise UserError(f"ground-truth file {path} is malformed: " + "; ".join(problems))
+    return pd.DataFrame({"image_id": ids.astype(np.int64), "class_id": classes.astype(np.int64)})
+
+
+def score_submission(results: pd.DataFrame, truth: pd.DataFrame, num_classes: int = 10) -> dict[str, Any]:
+    """Competition score of `results` against `truth` (class_id -1 = OOD), with the details.
+
+    accuracy: top-1 on in-distribution rows; auroc: of `score` with in-distribution positive (NaN
+    when truth has only one kind); competition_score = 0.75·accuracy + 0.25·auroc. Truth ids missing
+    from the submission are a UserError; submission ids absent from truth are counted as unscored.
+    """
+    validate_submission(results, None, num_classes)
+    submitted = pd.DataFrame(
+        {
+            "image_id": pd.to_numeric(results["image_id"]).astype(np.int64),
+            "pred": pd.to_numeric(results["class_id"]).astype(np.int64),
+            "score": pd.to_numeric(results["score"]).astype(np.float64),
+        }
+    )
+    merged = truth[list(TRUTH_COLUMNS)].merge(submitted, on="image_id", how="left", indicator=True)
+    missing = merged.loc[merged["_merge"] != "both", "image_id"].tolist()
+    if missing:
+        raise UserError(f"submission lacks {len(missing)} image(s) of the ground truth: image_id {_brief(missing)}")
+    y_true = merged["class_id"].to_numpy(np.int64)
+    y_pred = merged["pred"].to_numpy(np.int64)
+    is_in = y_true >= 0
+    if not is_in.any():
+        raise UserError("ground truth has no in-distribution images (all class_id -1): accuracy is undefined")
+    cls = classification_metrics(y_true[is_in], y_pred[is_in], num_classes)
+    auc = auroc(is_in, merged["score"].to_numpy(np.float64))
+    return {
+        "competition_score": competition_score(cls["accuracy"], auc),
+        "accuracy": cls["accuracy"],
+        "auroc": auc,
+        "balanced_accuracy": cls["balanced_accuracy"],
+        "macro_f1": cls["macro_f1"],
+        "per_class_recall": cls["per_class_recall"],
+        "per_class_support": np.bincount(y_true[is_in], minlength=num_classes).tolist(),
+        "confusion_matrix": confusion_matrix(y_true[is_in], y_pred[is_in], num_classes).tolist(),
+        "counts": {
+            "scored": int(len(merged)),
+            "in_distribution": int(is_in.sum()),
+            "ood": int((~is_in).sum()),
+            "unscored": int(len(submitted) - submitted["image_id"].isin(truth["image_id"]).sum()),
+        },
+    }
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
+
+
+def print_score_report(report: dict[str, Any], class_names: list[str] | tuple[str, ...], console: Any) -> None:
+    """Rich tables: headline numbers, per-class recall, confusion matrix (rows true, columns predicted)."""
+    from rich.table import Table
+
+    counts = report["counts"]
+    head = Table(title="Local score", show_header=True)
+    for col in ("competition score", "accuracy (ID)", "AUROC", "balanced acc", "macro F1", "ID / OOD / unscored"):
+        head.add_column(col, justify="right")
+    head.add_row(
+        _fmt(report["competition_score"]),
+        _fmt(report["accuracy"]),
+        _fmt(report["auroc"]),
+        _fmt(report["balanced_accuracy"]),
+        _fmt(report["macro_f1"]),
+        f"{counts['in_distribution']} / {counts['ood']} / {counts['unscored']}",
+    )
+    console.print(head)
+    if np.isnan(report["auroc"]):
+        console.print("AUROC is undefined: the ground truth holds only in-distribution images")
+
+    recall = Table(title="Per-class recall (in-distribution)")
+    recall.add_column("id", justify="right")
+    recall.add_column("class")
+    recall.add_column("support", justify="right")
+    recall.add_column("recall", justify="right")
+    for i, name in enumerate(class_names):
+        recall.add_row(str(i), name, str(report["per_class_support"][i]), _fmt(report["per_class_recall"][i], 3))
+    console.print(recall)
+
+    matrix = Table(title="Confusion matrix (rows: true, columns: predicted)")
+    matrix.add_column("true \\ pred")
+    for i in range(len(class_names)):
+        matrix.add_column(str(i), justify="right")
+    for i, row in enumerate(report["confusion_matrix"]):
+        matrix.add_row(f"{i} {class_names[i]}", *(str(v) if v else "." for v in row))
+    console.print(matrix)

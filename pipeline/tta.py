@@ -1,0 +1,154 @@
+"""Test-time augmentation: the eight flips/90° rotations of a chip at several scales, one forward.
+
+A model is any `nn.Module` with `embed(x) -> (B, D)` and `head(emb) -> (B, C)`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.errors import UserError
+
+# The dihedral group of the square: every view a vehicle seen from above can take.
+VIEW_NAMES = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "transverse")
+# Views that swap height and width (need square inputs to be batched with the others).
+_SWAPS_AXES = frozenset({"rot90", "rot270", "transpose", "transverse"})
+AVERAGE_MODES = ("logits", "probs")
+
+
+def check_views(views: list[str] | tuple[str, ...]) -> None:
+    """UserError unless `views` is a non-empty list of names from VIEW_NAMES."""
+    if len(views) == 0:
+        raise UserError(f"infer.tta.views is empty: give at least one of {', '.join(VIEW_NAMES)}")
+    unknown = [v for v in views if v not in VIEW_NAMES]
+    if unknown:
+        raise UserError(
+            f"unknown TTA view(s) {', '.join(map(str, unknown))}: valid views are {', '.join(VIEW_NAMES)}"
+        )
+
+
+def apply_view(x: Tensor, view: str) -> Tensor:
+    """The `view` of images `x` (..., H, W); rotations are counter-clockwise like `np.rot90`."""
+    if view == "identity":
+        return x
+    if view == "hflip":  # mirror left-right
+        return x.flip(-1)
+    if view == "vflip":  # mirror top-bottom
+        return x.flip(-2)
+    if view == "rot90":
+        return torch.rot90(x, 1, dims=(-2, -1))
+    if view == "rot180":
+        return torch.rot90(x, 2, dims=(-2, -1))
+    if view == "rot270":
+        return torch.rot90(x, 3, dims=(-2, -1))
+    if view == "transpose":  # mirror about the main diagonal
+        return x.transpose(-2, -1)
+    if view == "transverse":  # mirror about the anti-diagonal
+        return x.flip(-2, -1).transpose(-2, -1)
+    check_views([view])
+    raise AssertionError("unreachable")
+
+
+def _reflect_pad_to(x: Tensor, height: int, width: int) -> Tensor:
+    """Reflect-pad (..., h, w) to (..., height, width), centred; repeats while the pad exceeds the image."""
+    while x.shape[-2] < height or x.shape[-1] < width:
+        h, w = x.shape[-2:]
+        if min(h, w) < 2:  # a 1-pixel side has nothing to reflect
+            return F.pad(x, _centred_pad(height - h, width - w), mode="replicate")
+        pad_h, pad_w = min(height - h, 2 * (h - 1)), min(width - w, 2 * (w - 1))
+        x = F.pad(x, _centred_pad(pad_h, pad_w), mode="reflect")
+    return x
+
+
+def _centred_pad(pad_h: int, pad_w: int) -> tuple[int, int, int, int]:
+    return (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+
+
+def rescale(x: Tensor, scale: float) -> Tensor:
+    """Zoom images (B, C, H, W) by `scale` (bilinear, antialiased), then centre-crop or reflect-pad back to H×W."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise UserError(f"TTA scale {scale} is invalid: scales must be positive numbers such as 0.9, 1.0, 1.1")
+    if scale == 1.0:
+        return x
+    height, width = x.shape[-2:]
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    if (new_h, new_w) == (height, width):
+        return x
+    y = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    if new_h > height or new_w > width:
+        top, left = max(new_h - height, 0) // 2, max(new_w - width, 0) // 2
+        y = y[..., top : top + min(new_h, height), left : left + min(new_w, width)]
+    return _reflect_pad_to(y, height, width)
+
+
+def _check_scales(scales: list[float] | tuple[float, ...]) -> None:
+    if len(scales) == 0:
+        raise UserError("infer.tta.scales is empty: give at least one scale, e.g. [1.0]")
+    for s in scales:
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not (math.isfinite(s) and s > 0):
+            raise UserError(f"TTA scale {s!r} is invalid: scales must be positive numbers such as 0.9, 1.0, 1.1")
+
+
+def tta_batch(x: Tensor, views: list[str], scales: list[float]) -> Tensor:
+    """All scales × views of `x` (B, C, H, W) stacked as (S·V·B, C, H, W): scale-major, then view, then image."""
+    check_views(views)
+    _check_scales(scales)
+    if x.ndim != 4:
+        raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
+    height, width = x.shape[-2:]
+    if height != width and any(v in _SWAPS_AXES for v in views):
+        swapping = sorted({v for v in views if v in _SWAPS_AXES})
+        raise UserError(
+            f"TTA views {', '.join(swapping)} need square images, got {height}x{width}: "
+            "resize chips to a square size or drop those views"
+        )
+    return torch.cat([apply_view(rescale(x, s), v) for s in scales for v in views], dim=0)
+
+
+@torch.no_grad()
+def predict_tta(
+    model: nn.Module,
+    x: Tensor,
+    views: list[str],
+    scales: list[float],
+    average: str = "logits",
+    max_batch: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """TTA logits (B, C) and embeddings (B, D) of images `x` (B, C_in, H, W).
+
+    All views × scales go through ONE batched forward (`embed` then `head`), or through chunks of at
+    most `max_batch` images when that is set. `average="logits"` averages logits; `"probs"` averages
+    softmax probabilities and returns their log (log-probabilities, so softmax of the result gives the
+    averaged probabilities back). Embeddings are averaged over all views. The model runs in eval mode
+    and its training flag is restored afterwards. Outputs are float32 on the model's output device.
+    """
+    if average not in AVERAGE_MODES:
+        raise UserError(f"infer.tta.average '{average}' is invalid: choose one of {', '.join(AVERAGE_MODES)}")
+    if max_batch is not None and max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    batch = x.shape[0]
+    stacked = tta_batch(x, views, scales)
+    n_views = len(views) * len(scales)
+    was_training = model.training
+    model.eval()
+    try:
+        total = stacked.shape[0]
+        chunk = max(total, 1) if max_batch is None else max_batch
+        embeddings, logits = [], []
+        for start in range(0, max(total, 1), chunk):  # an empty batch still makes one (empty) forward
+            emb = model.embed(stacked[start : start + chunk])
+            embeddings.append(emb.float())
+            logits.append(model.head(emb).float())
+    finally:
+        model.train(was_training)
+    emb_all = torch.cat(embeddings).reshape(n_views, batch, -1)
+    logits_all = torch.cat(logits).reshape(n_views, batch, -1)
+    if average == "logits":
+        mean_logits = logits_all.mean(dim=0)
+    else:  # log of the mean probability, computed stably in log space
+        mean_logits = torch.logsumexp(torch.log_softmax(logits_all, dim=-1), dim=0) - math.log(n_views)
+    return mean_logits, emb_all.mean(dim=0)

@@ -1,0 +1,102 @@
+"""Stage 2: distill the frozen EO teacher into a SAR student on paired chips.
+
+Loss = supervised focal/CE on SAR labels + kd_weight * T^2 * KL(teacher_T || student_T) + feature_weight
+* alignment of the student's projected embedding to the teacher's. Both chips of a pair get the same
+geometric augmentation. Writes weights/sar_student.* with the teacher's sha256 in its manifest.
+On a SAR-only dataset the student trains on labels alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline import distributed
+from pipeline.errors import UserError, exit_on_user_error
+from pipeline.losses import DistillationLoss, build_classification_loss
+from pipeline.models import create_model, model_from_spec, model_spec
+from pipeline.stage import (
+    build_parser,
+    chip_dataset,
+    class_counts,
+    make_loader,
+    make_stage_sampler,
+    paired_dataset,
+    parent_digest,
+    prepare_stage,
+    save_split,
+    save_stage_artifact,
+    train_val_rows,
+)
+from pipeline.artifacts import load_artifact
+from pipeline.tasks import ClassifierTask, DistillTask
+from pipeline.train import fit
+
+STAGE = "distill_sar"
+ARTIFACT = "sar_student"
+TEACHER = "eo_teacher"
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser(STAGE, __doc__).parse_args(argv)
+    ctx = prepare_stage(STAGE, args)
+    cfg = ctx.stage_cfg
+    with_teacher = ctx.layout.has_eo
+    parents = {TEACHER: parent_digest(ctx, TEACHER)} if with_teacher else {}
+    if ctx.skip_if_fresh(ARTIFACT, parents):
+        return 0
+
+    train_rows, val_rows = train_val_rows(ctx, modality="sar")
+    split_sha = save_split(ctx, ARTIFACT)
+    student = create_model(
+        ctx.cfg["model"]["name"], ctx.num_classes, ctx.cfg["model"]["small_input"],
+        ctx.cfg["model"]["drop_rate"], ctx.cfg["model"]["init_weights"],
+    )
+    supervised = build_classification_loss(cfg["loss"], class_counts(ctx, train_rows))
+    sampler = make_stage_sampler(ctx, train_rows)
+
+    if with_teacher:
+        teacher_state, teacher_manifest = load_artifact(ctx.weights_dir, TEACHER, ctx.packed.train_fingerprint)
+        if teacher_manifest.get("split_sha256") != split_sha:
+            raise UserError(
+                f"{TEACHER} was trained on another train/validation split (seed or val_fraction changed): "
+                "rerun `python -m stages.pretrain_eo` with the same settings"
+            )
+        teacher = model_from_spec(teacher_manifest["model"])
+        teacher.load_state_dict(teacher_state)
+        teacher.to(ctx.device)
+        before = {k: v.clone() for k, v in teacher.state_dict().items()}
+        criterion = DistillationLoss(
+            supervised, cfg["distill"], student_dim=student.embed_dim, teacher_dim=teacher.embed_dim
+        )
+        task = DistillTask(student, teacher, criterion)
+        train_ds = paired_dataset(ctx, train_rows, augment=True)
+        val_ds = paired_dataset(ctx, val_rows, augment=False)
+        ctx.console.print(f"{STAGE}: distilling {TEACHER} into a SAR student (T={cfg['distill']['temperature']}, kd_weight={cfg['distill']['kd_weight']}, feature_weight={cfg['distill']['feature_weight']})")
+    else:
+        ctx.console.print(f"{STAGE}: SAR-only dataset: no teacher; training the SAR model on labels alone")
+        task = ClassifierTask(student, supervised)
+        train_ds = chip_dataset(ctx, "sar", train_rows, augment=True)
+        val_ds = chip_dataset(ctx, "sar", val_rows, augment=False)
+
+    result = fit(
+        task, make_loader(train_ds, cfg["batch_size"], ctx, sampler),
+        make_loader(val_ds, cfg["batch_size"], ctx, train=False), cfg, ctx.num_classes,
+        ctx.paths(ARTIFACT), ctx.device, resume=args.resume, seed=ctx.seed, console=ctx.console,
+    )
+    if with_teacher:
+        after = teacher.state_dict()
+        if any(not torch.equal(before[k], after[k]) for k in before):
+            raise RuntimeError("the frozen EO teacher changed during distillation")
+    save_stage_artifact(
+        ctx, ARTIFACT, result.best_state,
+        model_spec(student, int(ctx.cfg["data"]["sar_size"]), ctx.packed.norm["sar"]),
+        parents=parents, metrics={**result.best_metrics, "best_epoch": result.best_epoch},
+        split_sha256=split_sha, modality="sar", distilled=with_teacher,
+    )
+    distributed.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,100 @@
+"""Stage 3: fine-tune only the classification head of the SAR student with a class-balanced sampler.
+
+The backbone is frozen (no gradient, batch-norm statistics untouched). Fast path (default when
+`finetune_head.augment` is false): embed the training chips once (plus `aug_copies` augmented copies)
+and train the head on the cached embeddings. Writes weights/sar_final.*.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline import distributed
+from pipeline.artifacts import load_artifact
+from pipeline.errors import exit_on_user_error
+from pipeline.losses import build_classification_loss
+from pipeline.models import model_from_spec
+from pipeline.stage import (
+    build_parser,
+    chip_dataset,
+    class_counts,
+    make_loader,
+    make_stage_sampler,
+    parent_digest,
+    prepare_stage,
+    save_split,
+    save_stage_artifact,
+    train_val_rows,
+)
+from pipeline.tasks import EmbeddingDataset, HeadTask, embed_dataset
+from pipeline.train import fit
+
+STAGE = "finetune_head"
+ARTIFACT = "sar_final"
+PARENT = "sar_student"
+
+
+def backbone_digest(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every backbone tensor, buffers (batch-norm statistics) included."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser(STAGE, __doc__).parse_args(argv)
+    ctx = prepare_stage(STAGE, args)
+    parents = {PARENT: parent_digest(ctx, PARENT)}
+    if ctx.skip_if_fresh(ARTIFACT, parents):
+        return 0
+    state, manifest = load_artifact(ctx.weights_dir, PARENT, ctx.packed.train_fingerprint)
+    model = model_from_spec(manifest["model"])
+    model.load_state_dict(state)
+    model.to(ctx.device)
+    frozen = backbone_digest(model)
+
+    cfg = ctx.stage_cfg
+    train_rows, val_rows = train_val_rows(ctx, modality="sar")
+    split_sha = save_split(ctx, ARTIFACT)
+    loss = build_classification_loss(cfg["loss"], class_counts(ctx, train_rows))
+    task = HeadTask(model, loss)
+    if cfg["augment"]:
+        ctx.console.print(f"{STAGE}: head on the frozen backbone, chips augmented and embedded every step")
+        train_ds = chip_dataset(ctx, "sar", train_rows, augment=True)
+        val_ds = chip_dataset(ctx, "sar", val_rows, augment=False)
+        sampler = make_stage_sampler(ctx, train_rows)
+    else:
+        copies = int(cfg["aug_copies"])
+        ctx.console.print(f"{STAGE}: fast path: embedding {len(train_rows)} training chips once (+{copies} augmented copies)")
+        emb, labels = embed_dataset(model, chip_dataset(ctx, "sar", train_rows, augment=False), 512, ctx.device)
+        if copies:
+            aug_emb, aug_labels = embed_dataset(
+                model, chip_dataset(ctx, "sar", train_rows, augment=True), 512, ctx.device, epochs=range(1, copies + 1)
+            )
+            emb, labels = torch.cat([emb, aug_emb]), torch.cat([labels, aug_labels])
+        train_ds = EmbeddingDataset(emb, labels)
+        val_ds = EmbeddingDataset(*embed_dataset(model, chip_dataset(ctx, "sar", val_rows, augment=False), 512, ctx.device))
+        all_rows = np.concatenate([train_rows] * (copies + 1))
+        sampler = make_stage_sampler(ctx, all_rows)
+
+    result = fit(
+        task, make_loader(train_ds, cfg["batch_size"], ctx, sampler),
+        make_loader(val_ds, cfg["batch_size"], ctx, train=False), cfg, ctx.num_classes,
+        ctx.paths(ARTIFACT), ctx.device, resume=args.resume, seed=ctx.seed, console=ctx.console,
+    )
+    model.load_state_dict(result.best_state)
+    after = backbone_digest(model)
+    unchanged = all(torch.equal(frozen[k], after[k]) for k in frozen)
+    if not unchanged:
+        raise RuntimeError("the frozen backbone changed while fine-tuning the head")
+    save_stage_artifact(
+        ctx, ARTIFACT, result.best_state, manifest["model"], parents=parents,
+        metrics={**result.best_metrics, "best_epoch": result.best_epoch},
+        split_sha256=split_sha, modality="sar", backbone_unchanged=unchanged,
+    )
+    distributed.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
