@@ -43,6 +43,8 @@ def kmeans(
     n, dim = x.shape
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
         raise UserError(f"cluster k={k!r} is invalid for {n} vectors: use an integer 1..{n} or 'auto'")
+    if isinstance(niter, bool) or not isinstance(niter, (int, np.integer)) or niter < 1:
+        raise UserError(f"cluster niter={niter!r} is invalid: a number of k-means iterations >= 1")
     if not np.isfinite(x).all():
         raise ValueError("kmeans input holds NaN or infinite values")
     gpu_available = faiss_gpu_available()

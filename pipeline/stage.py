@@ -20,9 +20,11 @@ from rich.console import Console
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline import distributed
-from pipeline.artifacts import ArtifactPaths, atomic_write_text, is_fresh, make_manifest, save_artifact, sha256_file
+from pipeline.artifacts import (
+    ArtifactPaths, atomic_write_text, is_fresh, make_manifest, read_manifest, save_artifact, sha256_file,
+)
 from pipeline.config import Config, load_config, stage_config
-from pipeline.data.augment import build_augmenter, build_paired_augmenter
+from pipeline.data.augment import build_augmenter
 from pipeline.data.datasets import ChipDataset, PairedChipDataset, stratified_split
 from pipeline.data.layout import DatasetLayout, apply_holdout, describe, discover_layout
 from pipeline.data.pack import PackedData, pack_dataset
@@ -213,7 +215,7 @@ def chip_dataset(ctx: StageContext, modality: str, rows: np.ndarray, augment: bo
     return ChipDataset(
         images, index[f"{modality}_row"].to_numpy(), index["class_id"].to_numpy(),
         norm=(norm["mean"], norm["std"]),
-        augment=build_augmenter(ctx.cfg["augment"], modality) if augment else None, seed=ctx.seed,
+        augment=build_augmenter(ctx.cfg["augment"]) if augment else None, seed=ctx.seed, modality=modality,
     )
 
 
@@ -224,7 +226,7 @@ def paired_dataset(ctx: StageContext, rows: np.ndarray, augment: bool) -> Paired
     return PairedChipDataset(
         ctx.packed.train_eo, ctx.packed.train_sar, index["eo_row"].to_numpy(), index["sar_row"].to_numpy(),
         index["class_id"].to_numpy(), eo_norm=(eo["mean"], eo["std"]), sar_norm=(sar["mean"], sar["std"]),
-        augment=build_paired_augmenter(ctx.cfg["augment"]) if augment else None, seed=ctx.seed,
+        augment=build_augmenter(ctx.cfg["augment"]) if augment else None, seed=ctx.seed,
     )
 
 
@@ -254,6 +256,8 @@ def steps_samples(stage_cfg: Config, n_train: int) -> int:
 
 
 def parent_digest(ctx: StageContext, artifact: str) -> str:
+    """sha256 of a parent artifact's weights; UserError naming the stage to run if it is missing."""
+    read_manifest(ctx.weights_dir, artifact)
     return sha256_file(ctx.paths(artifact).weights)
 
 

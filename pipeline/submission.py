@@ -47,19 +47,27 @@ def image_id_from_name(filename: str) -> int:
     )
 
 
+def _rows(mask: np.ndarray) -> str:
+    """The offending data rows, numbered from 1 (the first line after the header)."""
+    return _brief(np.flatnonzero(mask) + 1)
+
+
 def _brief(values: Iterable[Any]) -> str:
     values = list(values)
     shown = ", ".join(str(v) for v in values[:_SHOW])
     return shown + (f", ... ({len(values)} in all)" if len(values) > _SHOW else "")
 
 
-def _integer_column(df: pd.DataFrame, column: str) -> tuple[pd.Series, list[int]]:
-    """The column as float64 plus the row numbers whose value is not an integer number."""
-    values = pd.to_numeric(df[column], errors="coerce").astype(np.float64)
-    bad = ~np.isfinite(values) | (values != np.round(values))
-    if df[column].dtype == bool:
-        bad[:] = True
-    return values, list(np.flatnonzero(bad.to_numpy()))
+def _integer_column(df: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """int64 values of a column and a mask of the rows whose value is not an integer number (set to 0)."""
+    col = df[column]
+    if pd.api.types.is_bool_dtype(col.dtype):
+        return np.zeros(len(col), np.int64), np.ones(len(col), bool)
+    if pd.api.types.is_integer_dtype(col.dtype) and not col.isna().any():
+        return col.to_numpy(np.int64), np.zeros(len(col), bool)  # exact, even beyond 2**53
+    values = pd.to_numeric(col, errors="coerce").astype(np.float64).to_numpy()
+    bad = ~np.isfinite(values) | (values != np.round(values)) | (np.abs(values) >= 2.0**63)
+    return np.where(bad, 0, values).astype(np.int64), bad
 
 
 def validate_submission(
@@ -73,27 +81,28 @@ def validate_submission(
     columns = [str(c) for c in df.columns]
     if columns != list(RESULTS_COLUMNS):
         raise SubmissionError(
-            f"submission columns are {','.join(columns) or '(none)'}: expected exactly {','.join(RESULTS_COLUMNS)}"
+            f"submission columns are {','.join(columns) or '(none)'}: "
+            f"expected exactly {','.join(RESULTS_COLUMNS)}"
         )
     problems: list[str] = []
     if len(df) == 0:
         problems.append("no rows")
     ids, bad_ids = _integer_column(df, "image_id")
-    if bad_ids:
-        problems.append(f"image_id not an integer in row(s) {_brief(bad_ids)}")
+    bad_ids |= ids < 0
+    if bad_ids.any():
+        problems.append(f"image_id not a non-negative integer in data row(s) {_rows(bad_ids)}")
     classes, bad_classes = _integer_column(df, "class_id")
-    out_of_range = np.flatnonzero(np.isfinite(classes) & ((classes < 0) | (classes >= num_classes)))
-    bad_classes = sorted(set(bad_classes) | set(out_of_range.tolist()))
-    if bad_classes:
-        problems.append(f"class_id not an integer in 0..{num_classes - 1} in row(s) {_brief(bad_classes)}")
-    scores = pd.to_numeric(df["score"], errors="coerce").astype(np.float64)
-    bad_scores = np.flatnonzero(~np.isfinite(scores.to_numpy()) | (df["score"].dtype == bool))
-    if bad_scores.size:
-        problems.append(f"score not a finite number in row(s) {_brief(bad_scores.tolist())}")
-    valid_ids = ids[np.isfinite(ids)].astype(np.int64)
-    counts = valid_ids.value_counts()
-    duplicates = sorted(counts.index[counts > 1].tolist())
-    if duplicates:
+    bad_classes |= (classes < 0) | (classes >= num_classes)
+    if bad_classes.any():
+        problems.append(f"class_id not an integer in 0..{num_classes - 1} in data row(s) {_rows(bad_classes)}")
+    scores = pd.to_numeric(df["score"], errors="coerce").astype(np.float64).to_numpy()
+    bad_scores = ~np.isfinite(scores) | pd.api.types.is_bool_dtype(df["score"].dtype)
+    if bad_scores.any():
+        problems.append(f"score not a finite number in data row(s) {_rows(bad_scores)}")
+    valid_ids = ids[~bad_ids]
+    unique, counts = np.unique(valid_ids, return_counts=True)
+    duplicates = unique[counts > 1]
+    if duplicates.size:
         problems.append(f"duplicate image_id {_brief(duplicates)}")
     if expected_ids is not None:
         expected = {int(i) for i in expected_ids}
@@ -168,10 +177,28 @@ def write_submission(
         }
     )
     atomic_write_text(run_dir / PREDICTIONS_FILE, predictions.to_csv(index=False))
-    atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write_text(run_dir / SUMMARY_FILE, report_json(summary))
     results_path = run_dir / RESULTS_FILE
     atomic_write_text(results_path, table.to_csv(index=False))
     return results_path
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf -> None and numpy scalars -> Python numbers, recursively, for strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def report_json(report: dict[str, Any]) -> str:
+    """Strict JSON text of a report or summary (NaN becomes null)."""
+    return json.dumps(_json_safe(report), indent=2, default=str, allow_nan=False) + "\n"
 
 
 def read_results(path: Path) -> pd.DataFrame:
@@ -199,24 +226,22 @@ def read_truth(path: Path, num_classes: int = 10) -> pd.DataFrame:
             f"ground-truth file {path} lacks column(s) {', '.join(missing)}: expected a header image_id,class_id"
         )
     ids, bad_ids = _integer_column(df, "image_id")
+    bad_ids |= ids < 0
     classes, bad_classes = _integer_column(df, "class_id")
-    out_of_range = np.flatnonzero(np.isfinite(classes) & ((classes < -1) | (classes >= num_classes)))
+    bad_classes |= (classes < -1) | (classes >= num_classes)
     problems = []
     if len(df) == 0:
         problems.append("no rows")
-    if bad_ids:
-        problems.append(f"image_id not an integer in row(s) {_brief(bad_ids)}")
-    bad_classes = sorted(set(bad_classes) | set(out_of_range.tolist()))
-    if bad_classes:
-        problems.append(f"class_id not an integer in -1..{num_classes - 1} in row(s) {_brief(bad_classes)}")
-    if not bad_ids:
-        counts = ids.astype(np.int64).value_counts()
-        duplicates = sorted(counts.index[counts > 1].tolist())
-        if duplicates:
-            problems.append(f"duplicate image_id {_brief(duplicates)}")
+    if bad_ids.any():
+        problems.append(f"image_id not a non-negative integer in data row(s) {_rows(bad_ids)}")
+    if bad_classes.any():
+        problems.append(f"class_id not an integer in -1..{num_classes - 1} in data row(s) {_rows(bad_classes)}")
+    unique, counts = np.unique(ids[~bad_ids], return_counts=True)
+    if (counts > 1).any():
+        problems.append(f"duplicate image_id {_brief(unique[counts > 1])}")
     if problems:
         raise UserError(f"ground-truth file {path} is malformed: " + "; ".join(problems))
-    return pd.DataFrame({"image_id": ids.astype(np.int64), "class_id": classes.astype(np.int64)})
+    return pd.DataFrame({"image_id": ids, "class_id": classes})
 
 
 def score_submission(results: pd.DataFrame, truth: pd.DataFrame, num_classes: int = 10) -> dict[str, Any]:
@@ -237,7 +262,9 @@ def score_submission(results: pd.DataFrame, truth: pd.DataFrame, num_classes: in
     merged = truth[list(TRUTH_COLUMNS)].merge(submitted, on="image_id", how="left", indicator=True)
     missing = merged.loc[merged["_merge"] != "both", "image_id"].tolist()
     if missing:
-        raise UserError(f"submission lacks {len(missing)} image(s) of the ground truth: image_id {_brief(missing)}")
+        raise UserError(
+            f"submission lacks {len(missing)} image(s) of the ground truth: image_id {_brief(missing)}"
+        )
     y_true = merged["class_id"].to_numpy(np.int64)
     y_pred = merged["pred"].to_numpy(np.int64)
     is_in = y_true >= 0

@@ -149,7 +149,7 @@ class HeadTask:
 
 
 class EmbeddingDataset(torch.utils.data.Dataset):
-    """Cached embeddings with labels: items {"emb", "label", "index"}."""
+    """Cached embeddings with labels: items {"emb", "label", "index"}; keys are taken modulo the length."""
 
     def __init__(self, embeddings: Tensor, labels: Tensor) -> None:
         self.embeddings = embeddings
@@ -158,7 +158,8 @@ class EmbeddingDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, i: int) -> dict[str, Tensor | int]:
+    def __getitem__(self, key: int) -> dict[str, Tensor | int]:
+        i = key % len(self.labels)  # samplers yield draw keys: item + n_items * draw
         return {"emb": self.embeddings[i], "label": self.labels[i], "index": i}
 
 

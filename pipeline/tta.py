@@ -6,6 +6,7 @@ A model is any `nn.Module` with `embed(x) -> (B, D)` and `head(emb) -> (B, C)`.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,17 @@ from torch import Tensor, nn
 from pipeline.errors import UserError
 
 # The dihedral group of the square: every view a vehicle seen from above can take.
-VIEW_NAMES = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "transverse")
+_VIEWS: dict[str, Callable[[Tensor], Tensor]] = {
+    "identity": lambda x: x,
+    "hflip": lambda x: x.flip(-1),  # mirror left-right
+    "vflip": lambda x: x.flip(-2),  # mirror top-bottom
+    "rot90": lambda x: torch.rot90(x, 1, dims=(-2, -1)),
+    "rot180": lambda x: torch.rot90(x, 2, dims=(-2, -1)),
+    "rot270": lambda x: torch.rot90(x, 3, dims=(-2, -1)),
+    "transpose": lambda x: x.transpose(-2, -1),  # mirror about the main diagonal
+    "transverse": lambda x: x.flip(-2, -1).transpose(-2, -1),  # mirror about the anti-diagonal
+}
+VIEW_NAMES = tuple(_VIEWS)
 # Views that swap height and width (need square inputs to be batched with the others).
 _SWAPS_AXES = frozenset({"rot90", "rot270", "transpose", "transverse"})
 AVERAGE_MODES = ("logits", "probs")
@@ -33,24 +44,9 @@ def check_views(views: list[str] | tuple[str, ...]) -> None:
 
 def apply_view(x: Tensor, view: str) -> Tensor:
     """The `view` of images `x` (..., H, W); rotations are counter-clockwise like `np.rot90`."""
-    if view == "identity":
-        return x
-    if view == "hflip":  # mirror left-right
-        return x.flip(-1)
-    if view == "vflip":  # mirror top-bottom
-        return x.flip(-2)
-    if view == "rot90":
-        return torch.rot90(x, 1, dims=(-2, -1))
-    if view == "rot180":
-        return torch.rot90(x, 2, dims=(-2, -1))
-    if view == "rot270":
-        return torch.rot90(x, 3, dims=(-2, -1))
-    if view == "transpose":  # mirror about the main diagonal
-        return x.transpose(-2, -1)
-    if view == "transverse":  # mirror about the anti-diagonal
-        return x.flip(-2, -1).transpose(-2, -1)
-    check_views([view])
-    raise AssertionError("unreachable")
+    if view not in _VIEWS:
+        check_views([view])
+    return _VIEWS[view](x)
 
 
 def _reflect_pad_to(x: Tensor, height: int, width: int) -> Tensor:
@@ -69,9 +65,9 @@ def _centred_pad(pad_h: int, pad_w: int) -> tuple[int, int, int, int]:
 
 
 def rescale(x: Tensor, scale: float) -> Tensor:
-    """Zoom images (B, C, H, W) by `scale` (bilinear, antialiased), then centre-crop or reflect-pad back to H×W."""
-    if not (math.isfinite(scale) and scale > 0):
-        raise UserError(f"TTA scale {scale} is invalid: scales must be positive numbers such as 0.9, 1.0, 1.1")
+    """Zoom float images (B, C, H, W) by `scale` (bilinear, antialiased), then centre-crop or
+    reflect-pad back to H×W (a strong zoom-out shows mirrored copies of the chip around it)."""
+    _check_scales([scale])
     if scale == 1.0:
         return x
     height, width = x.shape[-2:]
@@ -94,7 +90,7 @@ def _check_scales(scales: list[float] | tuple[float, ...]) -> None:
 
 
 def tta_batch(x: Tensor, views: list[str], scales: list[float]) -> Tensor:
-    """All scales × views of `x` (B, C, H, W) stacked as (S·V·B, C, H, W): scale-major, then view, then image."""
+    """All scales × views of `x` (B, C, H, W) stacked as (S·V·B, C, H, W): scale-major, then view."""
     check_views(views)
     _check_scales(scales)
     if x.ndim != 4:
@@ -131,15 +127,16 @@ def predict_tta(
     if max_batch is not None and max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     batch = x.shape[0]
+    if batch == 0:
+        raise ValueError("predict_tta got an empty batch")
     stacked = tta_batch(x, views, scales)
     n_views = len(views) * len(scales)
     was_training = model.training
     model.eval()
     try:
-        total = stacked.shape[0]
-        chunk = max(total, 1) if max_batch is None else max_batch
+        chunk = stacked.shape[0] if max_batch is None else max_batch
         embeddings, logits = [], []
-        for start in range(0, max(total, 1), chunk):  # an empty batch still makes one (empty) forward
+        for start in range(0, stacked.shape[0], chunk):
             emb = model.embed(stacked[start : start + chunk])
             embeddings.append(emb.float())
             logits.append(model.head(emb).float())

@@ -24,7 +24,7 @@ from pipeline.errors import UserError, exit_on_user_error
 from pipeline.models import model_from_spec
 from pipeline.ood import ood_score
 from pipeline.stage import REPO_ROOT, build_parser, parent_digest, prepare_stage
-from pipeline.submission import new_run_dir, print_score_report, score_submission, write_submission
+from pipeline.submission import new_run_dir, print_score_report, report_json, score_submission, write_submission
 from pipeline.tta import predict_tta
 
 STAGE = "infer"
@@ -111,14 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     vote_cfg = cfg["cluster"]
     if vote_cfg["enabled"]:
         voting = cluster_vote(
-            embeddings, probs, vote_cfg["k"], float(vote_cfg["tau"]), float(vote_cfg["rho"]),
-            niter=int(vote_cfg["niter"]), seed=ctx.seed,
+            embeddings, probs, vote_cfg["k"], vote_cfg["tau"], vote_cfg["rho"],
+            niter=vote_cfg["niter"], seed=ctx.seed,
         )
     else:
         voting = no_vote(probs)
     ood = cfg["ood"]
-    score = np.asarray(ood_score(logits, ood["method"], float(ood["temperature"])), dtype=np.float64)
-    energy = np.asarray(ood_score(logits, "energy", float(ood["temperature"])), dtype=np.float64)
+    score = ood_score(logits, ood["method"], ood["temperature"])
+    energy = ood_score(logits, "energy", ood["temperature"])
 
     ids = test["image_id"].to_numpy().astype(np.int64)
     results = pd.DataFrame({"image_id": ids, "class_id": voting.labels.astype(np.int64), "score": score})
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "inputs": inputs, "model": spec, "dataset": {"root": str(Path(args.data).resolve()), "kind": ctx.layout.kind,
         "classes": list(ctx.layout.classes.names)}, "num_test": int(len(ids)),
         "ood_method": ood["method"], "votes_changed": int(voting.changed.sum()),
-        "clusters": int(len(np.unique(voting.cluster))) if vote_cfg["enabled"] else 0,
+        "clusters": int(voting.k),
         "code_version": code_version(),
     }
     if not distributed.is_main_process():
@@ -144,11 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         truth = pd.DataFrame({"image_id": ids, "class_id": labels})
         report = score_submission(results, truth, num_classes=ctx.num_classes)
         summary["score"] = {k: report[k] for k in ("accuracy", "auroc", "competition_score", "balanced_accuracy")}
-    write_submission(run_dir, results, predictions, summary, expected_ids=ids)
+    write_submission(run_dir, results, predictions, summary, expected_ids=ids, num_classes=ctx.num_classes)
     ctx.console.print(f"[green]{STAGE}[/]: wrote {run_dir / 'results.csv'} ({len(ids)} rows, {int(voting.changed.sum())} labels changed by cluster voting)")
     mark_latest(args.submissions, run_dir)
     if known.all():
-        atomic_write_text(run_dir / "score.json", json.dumps(report, indent=2) + "\n")
+        atomic_write_text(run_dir / "score.json", report_json(report))
         print_score_report(report, list(ctx.layout.classes.names), ctx.console)
     distributed.cleanup()
     return 0

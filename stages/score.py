@@ -7,16 +7,14 @@ prints the report (rich tables) and writes it as JSON (default: score.json besid
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-import pandas as pd
 from rich.console import Console
 
 from pipeline.artifacts import atomic_write_text
 from pipeline.classes import OFFICIAL_NAMES
 from pipeline.errors import UserError, exit_on_user_error
-from pipeline.submission import print_score_report, read_truth, score_submission
+from pipeline.submission import print_score_report, read_results, read_truth, report_json, score_submission
 
 
 @exit_on_user_error
@@ -30,15 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     path = args.submission / "results.csv" if args.submission.is_dir() else args.submission
     if not path.is_file():
         raise UserError(f"submission {path} not found")
-    try:
-        results = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise UserError(f"submission {path} is not a readable CSV: {str(err).splitlines()[0]}") from None
+    results = read_results(path)
     report = score_submission(results, read_truth(args.truth), num_classes=args.num_classes)
     names = list(OFFICIAL_NAMES) if args.num_classes == len(OFFICIAL_NAMES) else [str(i) for i in range(args.num_classes)]
     print_score_report(report, names, Console())
     out = args.out or path.with_name("score.json")
-    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out, report_json(report))
     print(f"wrote {out}")
     return 0
 

@@ -1,0 +1,1 @@
+"""Benchmarks: each module prints a rich table of timings; none runs in the test suite."""

@@ -1,0 +1,553 @@
+"""The one training loop every stage uses.
+
+A stage describes what it trains as a `TrainTask` (see pipeline.tasks) and calls `fit`, which owns
+everything else: AdamW/SGD, cosine schedule with linear warm-up stepped per iteration, optional
+weight EMA, gradient clipping, bf16 autocast on CUDA, per-epoch reseeding, validation with balanced
+accuracy as the model-selection metric, a metrics CSV, an atomic resume checkpoint every epoch, DDP
+when torchrun started the process, and a stop with `TrainingDiverged` on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from pipeline import distributed
+from pipeline.artifacts import ArtifactPaths, atomic_write_text
+from pipeline.errors import UserError
+from pipeline.metrics import classification_metrics
+
+CHECKPOINT_FORMAT = 1
+OPTIMIZERS = ("adamw", "sgd")
+
+
+class TrainingDiverged(UserError):
+    """The loss (or gradient norm) became non-finite; the last good checkpoint is kept."""
+
+
+class TrainTask(Protocol):
+    """What `fit` trains (implementations: pipeline.tasks).
+
+    `module` owns every trainable parameter; in a distributed run `fit` wraps it in DDP and passes the
+    wrapper to `loss`, which must compute its trainable forward through that module so gradients are
+    synchronised. `state_dict` is what is EMA'd and saved as the best state (it may leave out
+    training-only parts such as a feature projection; the resume checkpoint keeps `module` whole).
+    """
+
+    @property
+    def module(self) -> nn.Module: ...
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]: ...
+
+    def train_mode(self) -> None: ...
+
+    def loss(self, batch: dict[str, Tensor], module: nn.Module | None = None) -> tuple[Tensor, dict[str, float]]: ...
+
+    def logits(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]: ...
+
+    def state_dict(self) -> dict[str, Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
+
+
+@dataclass
+class FitResult:
+    best_state: dict[str, Tensor]
+    best_epoch: int
+    best_metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class WeightEma:
+    """Exponential moving average of a state dict; decay warms up as min(decay, (1+n)/(10+n))."""
+
+    def __init__(self, state: dict[str, Tensor], decay: float, updates: int = 0) -> None:
+        self.decay = float(decay)
+        self.updates = int(updates)
+        self.state = {k: v.detach().clone() for k, v in state.items()}
+
+    @torch.no_grad()
+    def update(self, state: dict[str, Tensor]) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        floats = [k for k, v in self.state.items() if v.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([self.state[k] for k in floats], [state[k].detach() for k in floats], 1.0 - decay)
+        for k, v in self.state.items():
+            if not v.is_floating_point():
+                v.copy_(state[k])
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up to 1 over `warmup_steps`, then half-cosine towards 0 at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _checked_config(stage_cfg: dict[str, Any]) -> dict[str, Any]:
+    missing = [k for k in ("epochs", "optimizer", "lr", "weight_decay") if k not in stage_cfg]
+    if missing:
+        raise UserError(f"stage config lacks {', '.join(missing)}: compare your profile with pipeline/profiles/quick.yaml")
+    cfg = {
+        "epochs": int(stage_cfg["epochs"]),
+        "optimizer": str(stage_cfg["optimizer"]).lower(),
+        "lr": float(stage_cfg["lr"]),
+        "weight_decay": float(stage_cfg["weight_decay"]),
+        "warmup_epochs": float(stage_cfg.get("warmup_epochs") or 0.0),
+        "ema": float(stage_cfg.get("ema") or 0.0),
+        "clip_grad": float(stage_cfg.get("clip_grad") or 0.0),
+        "steps_per_epoch": stage_cfg.get("steps_per_epoch"),
+    }
+    if cfg["epochs"] < 1:
+        raise UserError(f"epochs must be at least 1, got {cfg['epochs']}")
+    if cfg["optimizer"] not in OPTIMIZERS:
+        raise UserError(f"optimizer '{cfg['optimizer']}' is unknown: use one of {', '.join(OPTIMIZERS)}")
+    if not cfg["lr"] > 0:
+        raise UserError(f"lr must be > 0, got {cfg['lr']}")
+    if not 0.0 <= cfg["ema"] < 1.0:
+        raise UserError(f"ema must be in [0, 1) (0 = off), got {cfg['ema']}")
+    if cfg["steps_per_epoch"] is not None and int(cfg["steps_per_epoch"]) < 1:
+        raise UserError(f"steps_per_epoch must be null or >= 1, got {cfg['steps_per_epoch']}")
+    return cfg
+
+
+def _steps_per_epoch(cfg: dict[str, Any], train_loader: Iterable) -> int:
+    if cfg["steps_per_epoch"] is not None:
+        steps = int(cfg["steps_per_epoch"])
+    else:
+        try:
+            steps = len(train_loader)  # type: ignore[arg-type]
+        except TypeError:
+            raise UserError("the training loader has no length: set steps_per_epoch in the stage config") from None
+    steps = distributed.all_reduce_min(steps)
+    if steps < 1:
+        raise UserError("the training loader is empty: no training chips (check the data folder and holdout_classes)")
+    return steps
+
+
+def _config_hash(stage_cfg: dict[str, Any], num_classes: int, seed: int, steps_per_epoch: int) -> str:
+    blob = json.dumps(
+        {"stage": stage_cfg, "num_classes": num_classes, "seed": seed, "steps_per_epoch": steps_per_epoch},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _build_optimizer(params: list[nn.Parameter], cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    """No weight decay on 1-D tensors (norm scales, biases)."""
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg["weight_decay"]},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg["lr"])
+
+
+def _seed_epoch(seed: int, epoch: int) -> None:
+    """Reseed every RNG from (seed, epoch, rank), so a resumed run replays the same epochs."""
+    value = int(np.random.SeedSequence([seed, epoch, distributed.rank()]).generate_state(1)[0])
+    random.seed(value)
+    np.random.seed(value)
+    torch.manual_seed(value)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move tensors; image batches go channels-last (faster convolutions on CPU and GPU)."""
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, Tensor):
+            value = value.to(device, non_blocking=True)
+            if value.ndim == 4 and value.is_floating_point():
+                value = value.contiguous(memory_format=torch.channels_last)
+        moved[key] = value
+    return moved
+
+
+def _batch_len(batch: dict[str, Any]) -> int:
+    return next((len(v) for v in batch.values() if isinstance(v, Tensor) and v.ndim > 0), 0)
+
+
+def _set_epoch(train_loader: Any, epoch: int) -> None:
+    for owner in (getattr(train_loader, "sampler", None), getattr(train_loader, "dataset", None)):
+        if owner is not None and callable(getattr(owner, "set_epoch", None)):
+            owner.set_epoch(epoch)
+
+
+def _cycle(loader: Iterable, steps: int) -> Iterator[Any]:
+    """`steps` batches from `loader`, starting a new pass when one runs out."""
+    iterator = iter(loader)
+    for _ in range(steps):
+        try:
+            yield next(iterator)
+        except StopIteration:
+            iterator = iter(loader)
+            try:
+                yield next(iterator)
+            except StopIteration:
+                raise UserError("the training loader yielded no batches") from None
+
+
+def _cpu_clone(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def _write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    columns: list[str] = []
+    for row in history:
+        columns.extend(k for k in row if k not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _atomic_torch_save(obj: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _load_resume(path: Path, expected_hash: str) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unpickling/IO failure means the same thing to the user
+        raise UserError(f"resume state {path} is damaged ({type(err).__name__}): delete it or run without --resume") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"resume state {path} is from another version: delete it or run without --resume")
+    if state.get("config_hash") != expected_hash:
+        raise UserError(
+            f"resume state {path} was written with another config (stage settings, seed, classes or steps per "
+            f"epoch differ): restore them, or run without --resume to start over"
+        )
+    return state
+
+
+def _validate(
+    task: TrainTask, val_loader: Iterable, device: torch.device, num_classes: int, autocast: Any
+) -> dict[str, Any]:
+    task.module.eval()
+    labels_seen, predictions = [], []
+    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for batch in val_loader:
+            with autocast():
+                logits, labels = task.logits(_to_device(batch, device))
+            logits = logits.float()
+            known = labels >= 0
+            logits, labels = logits[known], labels[known]
+            nll_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+            labels_seen.append(labels.cpu().numpy())
+            predictions.append(logits.argmax(dim=1).cpu().numpy())
+    local_true = np.concatenate(labels_seen) if labels_seen else np.zeros(0, np.int64)
+    local_pred = np.concatenate(predictions) if predictions else np.zeros(0, np.int64)
+    y_true, y_pred = distributed.all_gather_arrays(local_true, local_pred)
+    if y_true.size == 0:
+        raise UserError("the validation split is empty: raise data.val_fraction or add training chips")
+    metrics = classification_metrics(y_true, y_pred, num_classes)
+    metrics["loss"] = float(distributed.all_reduce_sum(nll_sum.reshape(1)).item()) / y_true.size
+    return metrics
+
+
+def _epoch_row(
+    epoch: int, train: dict[str, float], metrics: dict[str, Any], lr: float, images_per_s: float, seconds: float
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"epoch": epoch}
+    row.update({f"train_{k}": v for k, v in train.items()})
+    row.update(
+        {
+            "lr": lr,
+            "val_loss": metrics["loss"],
+            "val_accuracy": metrics["accuracy"],
+            "val_balanced_accuracy": metrics["balanced_accuracy"],
+            "val_macro_f1": metrics["macro_f1"],
+        }
+    )
+    row.update({f"val_recall_{c}": r for c, r in enumerate(metrics["per_class_recall"])})
+    row.update({"images_per_s": images_per_s, "epoch_seconds": seconds})
+    return row
+
+
+def _summary_table(history: list[dict[str, Any]], best_epoch: int) -> Table:
+    table = Table(title="training summary", title_justify="left")
+    part_keys = [k for k in history[0] if k.startswith("train_")]
+    for name in ["epoch", *part_keys, "val acc", "val bal acc", "val macro-F1", "lr", "img/s", "s"]:
+        table.add_column(name, justify="right")
+    for row in history:
+        mark = " *" if row["epoch"] == best_epoch else ""
+        table.add_row(
+            f"{row['epoch']}{mark}",
+            *[f"{row[k]:.4f}" for k in part_keys],
+            f"{row['val_accuracy']:.4f}",
+            f"{row['val_balanced_accuracy']:.4f}",
+            f"{row['val_macro_f1']:.4f}",
+            f"{row['lr']:.2e}",
+            f"{row['images_per_s']:.0f}",
+            f"{row['epoch_seconds']:.1f}",
+        )
+    return table
+
+
+class _Trainer:
+    """State of one `fit` call; see `fit`."""
+
+    def __init__(
+        self,
+        task: TrainTask,
+        stage_cfg: dict[str, Any],
+        num_classes: int,
+        paths: ArtifactPaths,
+        device: torch.device,
+        seed: int,
+        console: Console | None,
+        steps_per_epoch: int,
+    ) -> None:
+        self.task = task
+        self.cfg = _checked_config(stage_cfg)
+        self.num_classes = num_classes
+        self.paths = paths
+        self.device = device
+        self.seed = seed
+        self.is_main = distributed.is_main_process()
+        self.console = (console or Console()) if self.is_main else None
+        self.steps = steps_per_epoch
+        self.total_steps = self.cfg["epochs"] * steps_per_epoch
+        self.warmup_steps = min(self.total_steps, round(self.cfg["warmup_epochs"] * steps_per_epoch))
+        self.config_hash = _config_hash(stage_cfg, num_classes, seed, steps_per_epoch)
+        task.module.to(device)
+        self.net: nn.Module = task.module
+        self.params = [p for p in task.trainable_parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the task has no trainable parameters")
+        self.optimizer = _build_optimizer(self.params, self.cfg)
+        self.ema = WeightEma(task.state_dict(), self.cfg["ema"]) if self.cfg["ema"] > 0 else None
+        self.epoch = 0
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.best_state: dict[str, Tensor] | None = None
+        self.best_epoch = 0
+        self.best_metrics: dict[str, Any] = {}
+        self.autocast = (
+            (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+            if device.type == "cuda"
+            else contextlib.nullcontext
+        )
+
+    # -- persistence -------------------------------------------------------------------------
+    def restore(self, state: dict[str, Any]) -> None:
+        self.task.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema = WeightEma({k: v.to(self.device) for k, v in state["ema"].items()}, self.cfg["ema"], state["ema_updates"])
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.history = list(state["history"])
+        self.best_state = state["best_state"]
+        self.best_epoch = int(state["best_epoch"])
+        self.best_metrics = dict(state["best_metrics"])
+
+    def checkpoint(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config_hash": self.config_hash,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "module": self.task.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state if self.ema is not None else None,
+            "ema_updates": self.ema.updates if self.ema is not None else 0,
+            "best_state": self.best_state,
+            "best_epoch": self.best_epoch,
+            "best_metrics": self.best_metrics,
+            "history": self.history,
+        }
+
+    # -- one epoch ---------------------------------------------------------------------------
+    def set_lr(self) -> float:
+        lr = self.cfg["lr"] * lr_factor(self.global_step, self.warmup_steps, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def diverged(self, what: str, step: int) -> TrainingDiverged:
+        kept = (
+            f"the last good checkpoint {self.paths.resume} (after epoch {self.epoch}) is kept"
+            if self.epoch > 0
+            else "no epoch had finished, so no checkpoint was written"
+        )
+        return TrainingDiverged(
+            f"training diverged: non-finite {what} at epoch {self.epoch + 1} step {step}; {kept}; "
+            f"lower lr or raise warmup_epochs/clip_grad and run again"
+        )
+
+    def train_epoch(self, train_loader: Iterable) -> tuple[dict[str, float], float, float]:
+        """Mean loss parts, the lr of the last step, images/s."""
+        _set_epoch(train_loader, self.epoch)
+        _seed_epoch(self.seed, self.epoch)
+        self.task.train_mode()
+        sums: dict[str, float] = {}
+        images = 0
+        lr = self.set_lr()
+        progress = self._progress()
+        bar = progress.add_task(f"epoch {self.epoch + 1}/{self.cfg['epochs']}", total=self.steps, stats="")
+        start = time.perf_counter()
+        with progress:
+            for step, batch in enumerate(_cycle(train_loader, self.steps), start=1):
+                batch = _to_device(batch, self.device)
+                with self.autocast():
+                    loss, parts = self.task.loss(batch, self.net)
+                loss_value = distributed.all_reduce_sum(loss.detach().float().reshape(1)) / distributed.world_size()
+                if not torch.isfinite(loss_value).all():
+                    raise self.diverged("loss", step)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.cfg["clip_grad"] > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg["clip_grad"])
+                    if not torch.isfinite(grad_norm):
+                        raise self.diverged("gradient norm", step)
+                self.optimizer.step()
+                self.global_step += 1
+                if self.ema is not None:
+                    self.ema.update(self.task.state_dict())
+                images += _batch_len(batch) * distributed.world_size()
+                for name, value in {**parts, "loss": float(loss_value.item())}.items():
+                    sums[name] = sums.get(name, 0.0) + value
+                elapsed = time.perf_counter() - start
+                progress.update(
+                    bar,
+                    advance=1,
+                    stats=f"loss {sums['loss'] / step:.4f}  lr {lr:.2e}  {images / max(elapsed, 1e-9):.0f} img/s",
+                )
+                last_lr, lr = lr, self.set_lr()
+        elapsed = time.perf_counter() - start
+        return {k: v / self.steps for k, v in sums.items()}, last_lr, images / max(elapsed, 1e-9)
+
+    def _progress(self) -> Progress:
+        return Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[stats]}"),
+            console=self.console,
+            transient=True,
+            disable=self.console is None,
+        )
+
+    def validate(self, val_loader: Iterable) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """Metrics of the EMA weights when EMA is on (else the live ones), and that state on CPU."""
+        if self.ema is None:
+            return _validate(self.task, val_loader, self.device, self.num_classes, self.autocast), _cpu_clone(
+                self.task.state_dict()
+            )
+        live = {k: v.detach().clone() for k, v in self.task.state_dict().items()}
+        self.task.load_state_dict(self.ema.state)
+        try:
+            metrics = _validate(self.task, val_loader, self.device, self.num_classes, self.autocast)
+        finally:
+            self.task.load_state_dict(live)
+        return metrics, _cpu_clone(self.ema.state)
+
+    def report(self, row: dict[str, Any], is_best: bool) -> None:
+        if self.console is None:
+            return
+        parts = "  ".join(f"{k[6:]} {v:.4f}" for k, v in row.items() if k.startswith("train_"))
+        self.console.print(
+            f"epoch {row['epoch']:>3}/{self.cfg['epochs']}  {parts}  val acc {row['val_accuracy']:.4f}  "
+            f"bal acc {row['val_balanced_accuracy']:.4f}  macro-F1 {row['val_macro_f1']:.4f}  "
+            f"lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s  {row['epoch_seconds']:.1f} s"
+            + ("  [bold green]best[/]" if is_best else ""),
+            highlight=False,
+        )
+
+    def run(self, train_loader: Iterable, val_loader: Iterable) -> FitResult:
+        if distributed.is_distributed():
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.task.module, device_ids=device_ids)
+        while self.epoch < self.cfg["epochs"]:
+            start = time.perf_counter()
+            train_stats, lr, images_per_s = self.train_epoch(train_loader)
+            metrics, state = self.validate(val_loader)
+            self.epoch += 1
+            row = _epoch_row(self.epoch, train_stats, metrics, lr, images_per_s, time.perf_counter() - start)
+            self.history.append(row)
+            is_best = self.best_state is None or metrics["balanced_accuracy"] > self.best_metrics["balanced_accuracy"]
+            if is_best:
+                self.best_state, self.best_epoch = state, self.epoch
+                self.best_metrics = {"epoch": self.epoch, **metrics}
+            if self.is_main:
+                _write_metrics_csv(self.paths.metrics_csv, self.history)
+                _atomic_torch_save(self.checkpoint(), self.paths.resume)
+            self.report(row, is_best)
+        distributed.barrier()
+        if self.console is not None and self.history:
+            self.console.print(_summary_table(self.history, self.best_epoch))
+        assert self.best_state is not None
+        self.task.load_state_dict({k: v.to(self.device) for k, v in self.best_state.items()})
+        return FitResult(self.best_state, self.best_epoch, self.best_metrics, self.history)
+
+
+def fit(
+    task: TrainTask,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    stage_cfg: dict[str, Any],
+    num_classes: int,
+    paths: ArtifactPaths,
+    device: torch.device,
+    resume: bool = False,
+    seed: int = 0,
+    console: Console | None = None,
+) -> FitResult:
+    """Train `task`, validate every epoch, keep the best epoch by balanced accuracy.
+
+    Writes `paths.metrics_csv` and `paths.resume` after every epoch (rank 0 only); `resume=True`
+    continues from `paths.resume` (a missing file starts from scratch) and ends bit-identical to an
+    uninterrupted run on CPU. On return the task holds the best state. The caller writes the artifact.
+    """
+    cfg = _checked_config(stage_cfg)
+    steps = _steps_per_epoch(cfg, train_loader)
+    trainer = _Trainer(task, stage_cfg, num_classes, paths, device, seed, console, steps)
+    if resume:
+        state = _load_resume(Path(paths.resume), trainer.config_hash)
+        if state is None:
+            if trainer.console is not None:
+                trainer.console.print(f"no resume state at {paths.resume}: starting from epoch 1")
+        else:
+            trainer.restore(state)
+            if trainer.console is not None:
+                trainer.console.print(f"resuming from {paths.resume} after epoch {trainer.epoch}")
+    return trainer.run(train_loader, val_loader)

@@ -1,0 +1,184 @@
+"""Focal/CE with per-class alpha, knowledge distillation, feature alignment."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import UserError
+from pipeline.losses import (
+    DistillationLoss,
+    FeatureAlignment,
+    FocalLoss,
+    build_classification_loss,
+    class_alpha,
+    kd_kl_loss,
+)
+
+
+def _batch(n: int = 12, c: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c, generator=g) * 3, torch.randint(0, c, (n,), generator=g)
+
+
+def _loss_and_grad(fn, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = logits.clone().requires_grad_(True)
+    loss = fn(x, target)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_focal_at_gamma_zero_is_cross_entropy(smoothing: float) -> None:
+    logits, target = _batch()
+    focal = FocalLoss(gamma=0.0, label_smoothing=smoothing)
+    got, got_grad = _loss_and_grad(focal, logits, target)
+    ref, ref_grad = _loss_and_grad(lambda x, t: F.cross_entropy(x, t, label_smoothing=smoothing), logits, target)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got_grad, ref_grad, rtol=1e-6, atol=1e-8)
+
+
+def test_alpha_scales_each_sample_gradient_by_its_class_alpha() -> None:
+    logits, target = _batch(c=4)
+    alpha = torch.tensor([0.5, 2.0, 1.0, 0.25])
+    _, grad = _loss_and_grad(FocalLoss(gamma=0.0, alpha=alpha), logits, target)
+    _, plain = _loss_and_grad(FocalLoss(gamma=0.0), logits, target)
+    torch.testing.assert_close(grad, plain * alpha[target][:, None])
+
+
+def test_focal_downweights_easy_examples() -> None:
+    # row 0 is easy (p_true ~ 0.9), row 1 is hard (p_true ~ 0.1)
+    logits = torch.tensor([[np.log(9.0), 0.0], [0.0, np.log(9.0)]], dtype=torch.float32)
+    target = torch.tensor([0, 0])
+    ce = FocalLoss(gamma=0.0).per_sample(logits, target)
+    focal = FocalLoss(gamma=2.0).per_sample(logits, target)
+    ratio = focal / ce
+    torch.testing.assert_close(ratio, torch.tensor([0.1**2, 0.9**2]), rtol=1e-5, atol=1e-6)
+
+
+def test_focal_label_smoothing_uses_smoothed_targets_in_log_term() -> None:
+    logits, target = _batch(n=6, c=3)
+    got = FocalLoss(gamma=2.0, label_smoothing=0.2).per_sample(logits, target)
+    log_p = F.log_softmax(logits, dim=1)
+    q = torch.full_like(log_p, 0.2 / 3).scatter_(1, target[:, None], 0.8 + 0.2 / 3)
+    p_true = log_p.exp().gather(1, target[:, None]).squeeze(1)
+    torch.testing.assert_close(got, (1 - p_true) ** 2 * -(q * log_p).sum(dim=1))
+
+
+def test_class_alpha_kinds() -> None:
+    counts = np.array([100, 10, 0, 1])
+    assert class_alpha("none", counts) is None and class_alpha(None, counts) is None
+
+    inv = class_alpha("inverse_freq", counts)
+    assert inv[2] == 0
+    torch.testing.assert_close(inv[[0, 1, 3]].mean(), torch.tensor(1.0))
+    torch.testing.assert_close(inv[1] / inv[0], torch.tensor(10.0))
+
+    beta = 0.99
+    eff = class_alpha("effective_number", counts, beta=beta)
+    raw = np.array([(1 - beta) / (1 - beta**n) for n in (100, 10, 1)])
+    torch.testing.assert_close(eff[[0, 1, 3]], torch.tensor(raw / raw.mean(), dtype=torch.float32))
+    assert eff[2] == 0
+    torch.testing.assert_close(class_alpha("effective_number", counts, beta=0.0), torch.tensor([1.0, 1.0, 0.0, 1.0]))
+
+    listed = class_alpha([1.0, 3.0, 5.0, 2.0], counts)
+    torch.testing.assert_close(listed, torch.tensor([0.5, 1.5, 0.0, 1.0]))
+
+
+@pytest.mark.parametrize(
+    "kind, counts, message",
+    [
+        ("sqrt", [1, 2], "unknown"),
+        ([1.0, 2.0, 3.0], [1, 2], "3 values, expected one per class"),
+        ([1.0, -1.0], [1, 2], ">= 0"),
+        ("inverse_freq", [0, 0], "all zero"),
+    ],
+)
+def test_class_alpha_rejects_bad_input(kind, counts, message) -> None:
+    with pytest.raises(UserError, match=message):
+        class_alpha(kind, np.array(counts))
+
+
+def test_build_classification_loss() -> None:
+    counts = np.array([50, 5, 1])
+    focal = build_classification_loss({"kind": "focal", "gamma": 1.5, "alpha": "inverse_freq"}, counts)
+    assert focal.gamma == 1.5 and focal.alpha is not None
+    ce = build_classification_loss({"kind": "ce", "gamma": 2.0, "alpha": "none", "label_smoothing": 0.1}, counts)
+    assert ce.gamma == 0.0 and ce.alpha is None and ce.label_smoothing == 0.1
+    with pytest.raises(UserError, match="loss.kind 'bce'"):
+        build_classification_loss({"kind": "bce"}, counts)
+
+
+def test_kd_zero_for_equal_logits_positive_otherwise_and_masked() -> None:
+    student, _ = _batch(n=6, c=4, seed=1)
+    teacher, _ = _batch(n=6, c=4, seed=2)
+    assert kd_kl_loss(student, student.clone(), 4.0).abs() < 1e-6
+    full = kd_kl_loss(student, teacher, 4.0)
+    assert full > 0
+    t = 4.0
+    manual = F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
+    torch.testing.assert_close(full, manual)
+
+    mask = torch.tensor([True, False, True, False, False, False])
+    torch.testing.assert_close(kd_kl_loss(student, teacher, t, mask), kd_kl_loss(student[mask], teacher[mask], t))
+
+    s = student.clone().requires_grad_(True)
+    none = kd_kl_loss(s, teacher, t, torch.zeros(6, dtype=torch.bool))
+    none.backward()
+    assert none == 0 and torch.equal(s.grad, torch.zeros_like(s))
+
+
+def test_kd_does_not_backpropagate_into_the_teacher() -> None:
+    student, _ = _batch(n=4, c=3, seed=1)
+    teacher = _batch(n=4, c=3, seed=2)[0].requires_grad_(True)
+    kd_kl_loss(student.requires_grad_(True), teacher, 2.0).backward()
+    assert teacher.grad is None
+
+
+@pytest.mark.parametrize("kind", ["cosine", "mse"])
+def test_feature_alignment(kind: str) -> None:
+    align = FeatureAlignment(3, 3, kind)
+    with torch.no_grad():
+        align.projection.weight.copy_(torch.eye(3))
+        align.projection.bias.zero_()
+    feats = torch.randn(5, 3)
+    assert align(feats, feats.clone()) < 1e-6
+    other = -feats
+    expected = 2.0 if kind == "cosine" else (4 * feats.pow(2)).mean(dim=1).mean().item()
+    assert align(feats, other).item() == pytest.approx(expected, rel=1e-5)
+    mask = torch.tensor([True, False, False, False, False])
+    torch.testing.assert_close(align(feats, other, mask), align(feats[:1], other[:1]))
+    teacher = other.clone().requires_grad_(True)
+    align(feats, teacher).backward()
+    assert teacher.grad is None and align.projection.weight.grad is not None
+    with pytest.raises(UserError, match="feature_loss 'l1'"):
+        FeatureAlignment(3, 3, "l1")
+
+
+def test_distillation_loss_combines_weighted_terms() -> None:
+    cfg = {"temperature": 2.0, "kd_weight": 0.7, "supervised_weight": 1.3, "feature_weight": 0.5, "feature_loss": "cosine"}
+    supervised = FocalLoss(gamma=0.0)
+    loss = DistillationLoss(supervised, cfg, student_dim=4, teacher_dim=6)
+    s_logits, labels = _batch(n=5, c=3, seed=3)
+    t_logits, _ = _batch(n=5, c=3, seed=4)
+    s_emb, t_emb = torch.randn(5, 4), torch.randn(5, 6)
+    mask = torch.tensor([True, True, False, True, False])
+    total, parts = loss(s_logits, s_emb, t_logits, t_emb, labels, mask)
+    assert set(parts) == {"sup", "kd", "feat"}
+    torch.testing.assert_close(parts["sup"], supervised(s_logits, labels))
+    torch.testing.assert_close(parts["kd"], kd_kl_loss(s_logits, t_logits, 2.0, mask))
+    torch.testing.assert_close(parts["feat"], loss.alignment(s_emb, t_emb, mask))
+    torch.testing.assert_close(total, 1.3 * parts["sup"] + 0.7 * parts["kd"] + 0.5 * parts["feat"])
+
+
+def test_distillation_without_feature_term_or_teacher() -> None:
+    loss = DistillationLoss(FocalLoss(gamma=0.0), {"temperature": 4.0, "kd_weight": 1.0, "feature_weight": 0.0}, 4, 6)
+    assert loss.alignment is None
+    s_logits, labels = _batch(n=3, c=3)
+    total, parts = loss(s_logits, torch.randn(3, 4), None, None, labels)
+    assert set(parts) == {"sup"}
+    torch.testing.assert_close(total, parts["sup"])
+    with pytest.raises(UserError, match="temperature must be > 0"):
+        DistillationLoss(FocalLoss(), {"temperature": 0.0}, 4, 6)

@@ -1,0 +1,113 @@
+"""Stage scripts in-process on tiny data: manifests, parent checks, frozen parts, SAR-only path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.data.synth import generate
+from pipeline.models import model_from_spec
+from stages import distill_sar, finetune_head, infer, pretrain_eo
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    generate(root / "data", "tiny", seed=5)
+    return root
+
+
+def argv(root: Path, *extra: str, data: Path | None = None) -> list[str]:
+    return ["--data", str(data or root / "data"), "--profile", "tiny", "--weights", str(root / "weights"),
+            "--cache-dir", str(root / "cache"), *extra]
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ")
+    return err[-1]
+
+
+def test_distill_without_teacher_names_pretrain_eo(tiny, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        distill_sar.main(argv(tiny, "--weights", str(tmp_path / "empty")))
+    assert exc.value.code == 2
+    assert "stages.pretrain_eo" in error_line(capsys)
+
+
+def test_stage_chain_manifests_and_frozen_parts(tiny, capsys):
+    assert pretrain_eo.main(argv(tiny)) == 0
+    weights = tiny / "weights"
+    teacher = json.loads((weights / "eo_teacher.json").read_text())
+    for field in ("stage", "config", "model", "dataset_fingerprint", "parents", "metrics", "code_version", "time", "weights_sha256", "split_sha256"):
+        assert field in teacher
+    assert teacher["model"]["timm_name"] == "resnet10t" and teacher["model"]["in_chans"] == 1
+    assert set(teacher["config"]) == {"seed", "data", "augment", "model", "pretrain_eo"}
+    assert (weights / "eo_teacher.metrics.csv").read_text().count("\n") >= 2
+    teacher_bytes = (weights / "eo_teacher.safetensors").read_bytes()
+
+    assert distill_sar.main(argv(tiny)) == 0
+    student = json.loads((weights / "sar_student.json").read_text())
+    assert student["parents"] == {"eo_teacher": teacher["weights_sha256"]}
+    assert student["distilled"] is True
+    assert (weights / "eo_teacher.safetensors").read_bytes() == teacher_bytes
+
+    assert finetune_head.main(argv(tiny)) == 0
+    final = json.loads((weights / "sar_final.json").read_text())
+    assert final["backbone_unchanged"] is True
+    s, f = load_file(str(weights / "sar_student.safetensors")), load_file(str(weights / "sar_final.safetensors"))
+    backbone = [k for k in s if not k.startswith("classifier.")]
+    assert any("running_mean" in k for k in backbone)
+    assert all(torch.equal(s[k], f[k]) for k in backbone)
+    assert not torch.equal(s["classifier.weight"], f["classifier.weight"])
+
+    capsys.readouterr()
+    assert infer.main(argv(tiny, "--submissions", str(tiny / "subs"), "--run", "first")) == 0
+    run = tiny / "subs" / "first"
+    assert {"results.csv", "predictions.csv", "summary.json", "score.json"} <= {p.name for p in run.iterdir()}
+    with pytest.raises(SystemExit) as exc:  # an existing submission folder is never overwritten
+        infer.main(argv(tiny, "--submissions", str(tiny / "subs"), "--run", "first"))
+    assert exc.value.code == 2 and "first" in error_line(capsys)
+
+
+def test_foreign_teacher_is_refused(tiny, capsys, tmp_path):
+    other = tmp_path / "other"
+    generate(other, "tiny", seed=6)
+    weights = tmp_path / "w"
+    weights.mkdir()
+    for f in (tiny / "weights").glob("eo_teacher.*"):
+        shutil.copy(f, weights / f.name)
+    with pytest.raises(SystemExit) as exc:
+        distill_sar.main(argv(tiny, "--weights", str(weights), data=other))
+    assert exc.value.code == 2
+    line = error_line(capsys)
+    assert "another dataset" in line and "stages.pretrain_eo" in line
+
+
+def test_missing_sar_final_names_finetune_head(tiny, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        infer.main(argv(tiny, "--weights", str(tmp_path / "none"), "--submissions", str(tmp_path / "s")))
+    assert "stages.finetune_head" in error_line(capsys)
+
+
+def test_sar_only_path_on_mstar(mstar_root, tmp_path, capsys):
+    args = ["--data", str(mstar_root), "--profile", "tiny", "--weights", str(tmp_path / "w"),
+            "--cache-dir", str(tmp_path / "cache"), "--holdout-classes", "BTR60,ZIL131",
+            "--set", "pretrain_eo.steps_per_epoch=2", "--set", "distill_sar.steps_per_epoch=4"]
+    assert pretrain_eo.main(args) == 0
+    assert "no EO" in capsys.readouterr().out
+    assert not (tmp_path / "w" / "eo_teacher.json").exists()
+    assert distill_sar.main(args) == 0
+    student = json.loads((tmp_path / "w" / "sar_student.json").read_text())
+    assert student["distilled"] is False and student["parents"] == {}
+    assert student["config"]["data"]["holdout_classes"] == ["BTR60", "ZIL131"]
+    assert finetune_head.main(args) == 0
+    assert infer.main(args + ["--submissions", str(tmp_path / "s"), "--run", "m"]) == 0
+    score = json.loads((tmp_path / "s" / "m" / "score.json").read_text())
+    assert np.isfinite(score["auroc"])  # held-out classes are the OOD rows

@@ -1,0 +1,287 @@
+"""The training loop: learning, metrics CSV, resume equality, divergence guard, EMA, DDP (gloo)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from pipeline import distributed
+from pipeline.artifacts import ArtifactPaths
+from pipeline.errors import UserError
+from pipeline.losses import DistillationLoss, FocalLoss
+from pipeline.models import create_model
+from pipeline.tasks import ClassifierTask, DistillTask, EmbeddingDataset, HeadTask
+from pipeline.train import TrainingDiverged, WeightEma, fit, lr_factor
+
+NUM_CLASSES = 3
+SIZE = 16
+CPU = torch.device("cpu")
+
+
+class BandDataset(Dataset):
+    """Class c = a bright horizontal band at rows 5c..5c+4 plus noise: separable, tiny."""
+
+    def __init__(self, n: int, seed: int, paired: bool = False) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.arange(n) % NUM_CLASSES
+        self.images = torch.randn(n, 1, SIZE, SIZE, generator=g) * 0.7
+        for c in range(NUM_CLASSES):
+            self.images[self.labels == c, :, 5 * c : 5 * c + 5, :] += 1.5
+        self.paired = paired
+        self.epochs_seen: list[int] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epochs_seen.append(epoch)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if self.paired:
+            return {"sar": self.images[i], "eo": self.images[i].flip(-1), "has_eo": torch.tensor(i % 4 != 0), "label": self.labels[i]}
+        return {"image": self.images[i], "label": self.labels[i]}
+
+
+def _cfg(**changes) -> dict:
+    cfg = {
+        "epochs": 2,
+        "batch_size": 16,
+        "optimizer": "adamw",
+        "lr": 0.003,
+        "weight_decay": 0.01,
+        "warmup_epochs": 0.5,
+        "ema": 0.0,
+        "clip_grad": 5.0,
+        "steps_per_epoch": None,
+        "loss": {"kind": "ce"},
+    }
+    cfg.update(changes)
+    return cfg
+
+
+def _model(seed: int = 0, drop_rate: float = 0.1):
+    torch.manual_seed(seed)
+    return create_model("resnet10t", NUM_CLASSES, small_input=False, drop_rate=drop_rate)
+
+
+def _loaders(n_train: int = 48, n_val: int = 24, paired: bool = False) -> tuple[DataLoader, DataLoader]:
+    train = BandDataset(n_train, seed=1, paired=paired)
+    val = BandDataset(n_val, seed=2, paired=paired)
+    return (
+        DataLoader(train, batch_size=16, sampler=RandomSampler(train), drop_last=True),
+        DataLoader(val, batch_size=32),
+    )
+
+
+def _quiet() -> Console:
+    return Console(file=io.StringIO(), width=120)
+
+
+def _fit(task, tmp_path: Path, cfg: dict | None = None, resume: bool = False, console: Console | None = None, **loader_kw):
+    train, val = _loaders(**loader_kw)
+    return fit(
+        task, train, val, cfg or _cfg(), NUM_CLASSES, ArtifactPaths.of(tmp_path, "art"), CPU,
+        resume=resume, seed=0, console=console or _quiet(),
+    )
+
+
+class FaultyTask:
+    """Wraps a task; at loss call number `at` it raises `error` or (error None) returns a NaN loss."""
+
+    def __init__(self, task, at: int, error: BaseException | None = None) -> None:
+        self.task, self.at, self.error, self.calls = task, at, error, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.task, name)
+
+    def loss(self, batch, module=None):
+        self.calls += 1
+        loss, parts = self.task.loss(batch, module)
+        if self.calls == self.at:
+            if self.error is not None:
+                raise self.error
+            loss = loss * float("nan")
+        return loss, parts
+
+
+def _balanced_accuracy_untrained(model, loader) -> float:
+    model.eval()
+    with torch.no_grad():
+        preds = torch.cat([model(b["image"]).argmax(1) for b in loader])
+        labels = torch.cat([b["label"] for b in loader])
+    return float(np.mean([(preds[labels == c] == c).float().mean() for c in range(NUM_CLASSES)]))
+
+
+def test_fit_learns_a_separable_problem_and_writes_metrics(tmp_path) -> None:
+    model = _model()
+    before = _balanced_accuracy_untrained(model, _loaders()[1])
+    console = _quiet()
+    result = _fit(ClassifierTask(model, FocalLoss(gamma=2.0)), tmp_path, _cfg(epochs=3), console=console)
+    assert result.best_metrics["balanced_accuracy"] >= 0.9 > before
+    assert result.best_epoch == result.best_metrics["epoch"]
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    # the task holds the best state on return
+    assert all(torch.equal(v, result.best_state[k]) for k, v in model.state_dict().items())
+
+    rows = list(csv.DictReader(open(tmp_path / "art.metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    for name in ("train_loss", "lr", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1",
+                 "val_recall_0", "val_recall_2", "images_per_s", "epoch_seconds"):
+        assert name in rows[0], name
+    assert float(rows[1]["val_balanced_accuracy"]) == pytest.approx(result.history[1]["val_balanced_accuracy"])
+    printed = console.file.getvalue()
+    assert "epoch   3/3" in printed and "training summary" in printed
+
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    factors = [lr_factor(s, 4, 20) for s in range(20)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    assert 0 < factors[-1] < 0.01
+    assert lr_factor(0, 0, 10) == 1.0
+
+
+def test_weight_ema_warms_up_and_copies_integers() -> None:
+    state = {"w": torch.zeros(3), "n": torch.tensor(0)}
+    ema = WeightEma(state, decay=0.9)
+    ema.update({"w": torch.ones(3), "n": torch.tensor(5)})  # decay min(0.9, 2/11)
+    torch.testing.assert_close(ema.state["w"], torch.full((3,), 1 - 2 / 11))
+    assert ema.state["n"] == 5
+    assert torch.equal(state["w"], torch.zeros(3))
+
+
+def test_resume_after_interruption_is_bit_identical(tmp_path) -> None:
+    cfg = _cfg(ema=0.8)
+    straight = _fit(ClassifierTask(_model(), FocalLoss(gamma=0.0)), tmp_path / "a", cfg)
+
+    # 3 steps per epoch: stop inside epoch 2 as a Ctrl-C would
+    interrupted = FaultyTask(ClassifierTask(_model(), FocalLoss(gamma=0.0)), at=5, error=KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        _fit(interrupted, tmp_path / "b", cfg)
+    assert len(list(csv.DictReader(open(tmp_path / "b" / "art.metrics.csv")))) == 1
+
+    console = _quiet()
+    resumed = _fit(ClassifierTask(_model(seed=123), FocalLoss(gamma=0.0)), tmp_path / "b", cfg, resume=True, console=console)
+    assert "resuming" in console.file.getvalue()
+    assert resumed.best_epoch == straight.best_epoch
+    assert straight.best_state.keys() == resumed.best_state.keys()
+    for key, value in straight.best_state.items():
+        assert torch.equal(value, resumed.best_state[key]), key
+    drop_timing = lambda rows: [{k: v for k, v in r.items() if k not in ("images_per_s", "epoch_seconds")} for r in rows]
+    assert drop_timing(resumed.history) == drop_timing(straight.history)
+    assert len(list(csv.DictReader(open(tmp_path / "b" / "art.metrics.csv")))) == 2
+
+
+def test_resume_from_another_config_or_damaged_file_is_a_user_error(tmp_path) -> None:
+    _fit(ClassifierTask(_model(), FocalLoss(gamma=0.0)), tmp_path, _cfg(epochs=1))
+    with pytest.raises(UserError, match="another config"):
+        _fit(ClassifierTask(_model(), FocalLoss(gamma=0.0)), tmp_path, _cfg(epochs=1, lr=0.01), resume=True)
+    (tmp_path / "art.resume.pt").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="damaged"):
+        _fit(ClassifierTask(_model(), FocalLoss(gamma=0.0)), tmp_path, _cfg(epochs=1), resume=True)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path) -> None:
+    task = FaultyTask(ClassifierTask(_model(), FocalLoss(gamma=0.0)), at=5)  # epoch 2, step 2
+    with pytest.raises(TrainingDiverged, match=r"epoch 2 step 2.*last good checkpoint .*art.resume.pt \(after epoch 1\) is kept"):
+        _fit(task, tmp_path, _cfg(epochs=3))
+    state = torch.load(tmp_path / "art.resume.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["best_state"].values() if v.is_floating_point())
+    assert len(list(csv.DictReader(open(tmp_path / "art.metrics.csv")))) == 1
+
+    first = FaultyTask(ClassifierTask(_model(), FocalLoss(gamma=0.0)), at=1)
+    with pytest.raises(TrainingDiverged, match="epoch 1 step 1; no epoch had finished"):
+        _fit(first, tmp_path / "fresh", _cfg(epochs=1))
+    assert not (tmp_path / "fresh" / "art.resume.pt").exists()
+
+
+@pytest.mark.parametrize("ema", [0.0, 0.9])
+def test_ema_on_validates_and_keeps_the_averaged_weights(tmp_path, ema: float) -> None:
+    result = _fit(ClassifierTask(_model(), FocalLoss(gamma=0.0)), tmp_path, _cfg(epochs=1, ema=ema))
+    state = torch.load(tmp_path / "art.resume.pt", weights_only=True)
+    live = {k.removeprefix("model."): v for k, v in state["module"].items()}
+    same_as_live = all(torch.equal(v, live[k]) for k, v in result.best_state.items())
+    if ema:
+        assert not same_as_live
+        assert all(torch.equal(v, state["ema"][k]) for k, v in result.best_state.items())
+    else:
+        assert same_as_live and state["ema"] is None
+
+
+def test_set_epoch_steps_per_epoch_and_bad_config(tmp_path) -> None:
+    counting = FaultyTask(ClassifierTask(_model(), FocalLoss(gamma=0.0)), at=-1)
+    train, val = _loaders()
+    fit(counting, train, val, _cfg(epochs=2, steps_per_epoch=5), NUM_CLASSES, ArtifactPaths.of(tmp_path, "art"),
+        CPU, console=_quiet())
+    assert counting.calls == 10  # the 3-batch loader is cycled to 5 steps per epoch
+    assert train.dataset.epochs_seen == [0, 1]
+    with pytest.raises(UserError, match="optimizer 'adam' is unknown"):
+        _fit(ClassifierTask(_model(), FocalLoss()), tmp_path, _cfg(optimizer="adam"))
+    with pytest.raises(UserError, match="lacks lr"):
+        _fit(ClassifierTask(_model(), FocalLoss()), tmp_path, {k: v for k, v in _cfg().items() if k != "lr"})
+
+
+def test_distill_task_trains_student_and_projection(tmp_path) -> None:
+    teacher, student = _model(seed=5), _model(seed=6)
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    criterion = DistillationLoss(
+        FocalLoss(gamma=2.0), {"temperature": 4.0, "kd_weight": 1.0, "feature_weight": 0.5, "feature_loss": "cosine"},
+        student.embed_dim, teacher.embed_dim,
+    )
+    projection_before = criterion.alignment.projection.weight.detach().clone()
+    result = _fit(DistillTask(student, teacher, criterion), tmp_path, _cfg(epochs=1), paired=True)
+    assert {"train_loss", "train_sup", "train_kd", "train_feat"} <= set(result.history[0])
+    assert set(result.best_state) == set(student.state_dict())
+    assert not torch.equal(criterion.alignment.projection.weight, projection_before)
+    assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
+
+
+def test_head_task_on_embeddings_leaves_the_backbone_alone(tmp_path) -> None:
+    model = _model()
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(60) % NUM_CLASSES
+    emb = torch.randn(60, model.embed_dim, generator=g) + 3 * torch.nn.functional.one_hot(labels, model.embed_dim)
+    train = DataLoader(EmbeddingDataset(emb[:45], labels[:45]), batch_size=15, shuffle=True)
+    val = DataLoader(EmbeddingDataset(emb[45:], labels[45:]), batch_size=15)
+    result = fit(HeadTask(model, FocalLoss(gamma=0.0)), train, val, _cfg(epochs=3, lr=0.05), NUM_CLASSES,
+                 ArtifactPaths.of(tmp_path, "head"), CPU, console=_quiet())
+    assert result.best_metrics["balanced_accuracy"] > 0.9
+    assert all(torch.equal(result.best_state[k], v) for k, v in frozen.items())
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        train_ds, val_ds = BandDataset(48, seed=1), BandDataset(24, seed=2)
+        shard = distributed.ShardSampler(len(train_ds))
+        train = DataLoader(train_ds, batch_size=8, sampler=shard, drop_last=True)
+        val = DataLoader(val_ds, batch_size=8, sampler=distributed.ShardSampler(len(val_ds)))
+        result = fit(ClassifierTask(_model(seed=rank), FocalLoss(gamma=0.0)), train, val, _cfg(epochs=1),
+                     NUM_CLASSES, ArtifactPaths.of(out_dir, "ddp"), CPU, console=_quiet())
+        torch.save(result.best_state, os.path.join(out_dir, f"state{rank}.pt"))
+        y_true, _ = distributed.all_gather_arrays(np.array([rank] * (rank + 1)), np.zeros(rank + 1))
+        np.save(os.path.join(out_dir, f"gathered{rank}.npy"), y_true)
+    finally:
+        distributed.cleanup()
+
+
+def test_two_process_gloo_run_keeps_replicas_in_sync(tmp_path) -> None:
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    s0 = torch.load(tmp_path / "state0.pt", weights_only=True)
+    s1 = torch.load(tmp_path / "state1.pt", weights_only=True)
+    for key, value in s0.items():
+        if value.is_floating_point() and "running_" not in key:
+            assert torch.equal(value, s1[key]), key  # DDP broadcast rank 0's init and averaged gradients
+    assert np.array_equal(np.load(tmp_path / "gathered1.npy"), [0, 1, 1])
+    assert len(list(csv.DictReader(open(tmp_path / "ddp.metrics.csv")))) == 1
