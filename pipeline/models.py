@@ -10,6 +10,7 @@ describe a model in an artifact manifest and rebuild it from there.
 from __future__ import annotations
 
 import difflib
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,7 @@ def _read_checkpoint(path: Path) -> dict[str, Tensor]:
             state: Any = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as err:
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as err:
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"init_weights file {path} could not be read: {first_line}") from None
     for key in ("state_dict", "model"):

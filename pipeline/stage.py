@@ -11,7 +11,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
@@ -24,10 +24,11 @@ from pipeline.artifacts import (
     ArtifactPaths, atomic_write_text, is_fresh, make_manifest, read_manifest, save_artifact, sha256_file,
 )
 from pipeline.config import Config, load_config, stage_config
-from pipeline.data.augment import build_augmenter
+from pipeline.data.augment import AugmentConfig, build_augmenter
 from pipeline.data.datasets import ChipDataset, PairedChipDataset, stratified_split
 from pipeline.data.layout import DatasetLayout, apply_holdout, describe, discover_layout
 from pipeline.data.pack import PackedData, pack_dataset
+from pipeline.data.resident import ResidentBatches
 from pipeline.data.samplers import make_sampler
 from pipeline.errors import UserError
 
@@ -228,6 +229,28 @@ def paired_dataset(ctx: StageContext, rows: np.ndarray, augment: bool) -> Paired
         index["class_id"].to_numpy(), eo_norm=(eo["mean"], eo["std"]), sar_norm=(sar["mean"], sar["std"]),
         augment=build_augmenter(ctx.cfg["augment"]) if augment else None, seed=ctx.seed,
     )
+
+
+def train_batches(ctx: StageContext, rows: np.ndarray, kind: str) -> Iterable[dict[str, torch.Tensor]]:
+    """Training batches of `rows` with the stage's sampler; kind: "eo" | "sar" (one chip) or "paired".
+
+    With `data.resident` the packed chips are held on the training device and augmented there in
+    batches; otherwise a DataLoader over the augmented dataset.
+    """
+    sampler = make_stage_sampler(ctx, rows)
+    batch_size = int(ctx.stage_cfg["batch_size"])
+    if not ctx.cfg["data"]["resident"]:
+        dataset = paired_dataset(ctx, rows, augment=True) if kind == "paired" else chip_dataset(ctx, kind, rows, augment=True)
+        return make_loader(dataset, batch_size, ctx, sampler)
+    index = ctx.packed.train_index.iloc[rows]
+    arrays = {}
+    for modality in ("eo", "sar") if kind == "paired" else (kind,):
+        norm = ctx.packed.norm[modality]
+        images = ctx.packed.train_eo if modality == "eo" else ctx.packed.train_sar
+        key = modality if kind == "paired" else "image"
+        arrays[key] = (images, index[f"{modality}_row"].to_numpy(), (norm["mean"], norm["std"]))
+    augment = AugmentConfig.from_dict(ctx.cfg["augment"])
+    return ResidentBatches(arrays, index["class_id"].to_numpy(), sampler, batch_size, ctx.device, augment, ctx.seed)
 
 
 def make_loader(

@@ -176,15 +176,7 @@ def _seed_epoch(seed: int, epoch: int) -> None:
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Move tensors; image batches go channels-last (faster convolutions on CPU and GPU)."""
-    moved = {}
-    for key, value in batch.items():
-        if isinstance(value, Tensor):
-            value = value.to(device, non_blocking=True)
-            if value.ndim == 4 and value.is_floating_point():
-                value = value.contiguous(memory_format=torch.channels_last)
-        moved[key] = value
-    return moved
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
 def _batch_len(batch: dict[str, Any]) -> int:
@@ -231,11 +223,14 @@ def _write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
 def _atomic_torch_save(obj: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _load_resume(path: Path, expected_hash: str) -> dict[str, Any] | None:
@@ -303,13 +298,13 @@ def _epoch_row(
 def _summary_table(history: list[dict[str, Any]], best_epoch: int) -> Table:
     table = Table(title="training summary", title_justify="left")
     part_keys = [k for k in history[0] if k.startswith("train_")]
-    for name in ["epoch", *part_keys, "val acc", "val bal acc", "val macro-F1", "lr", "img/s", "s"]:
+    for name in ["epoch", *[k[6:] for k in part_keys], "val acc", "val bal acc", "val macro-F1", "lr", "img/s", "s"]:
         table.add_column(name, justify="right")
     for row in history:
         mark = " *" if row["epoch"] == best_epoch else ""
         table.add_row(
             f"{row['epoch']}{mark}",
-            *[f"{row[k]:.4f}" for k in part_keys],
+            *[f"{row.get(k, float('nan')):.4f}" for k in part_keys],
             f"{row['val_accuracy']:.4f}",
             f"{row['val_balanced_accuracy']:.4f}",
             f"{row['val_macro_f1']:.4f}",
@@ -326,16 +321,17 @@ class _Trainer:
     def __init__(
         self,
         task: TrainTask,
+        train_loader: Iterable,
         stage_cfg: dict[str, Any],
         num_classes: int,
         paths: ArtifactPaths,
         device: torch.device,
         seed: int,
         console: Console | None,
-        steps_per_epoch: int,
     ) -> None:
         self.task = task
         self.cfg = _checked_config(stage_cfg)
+        steps_per_epoch = _steps_per_epoch(self.cfg, train_loader)
         self.num_classes = num_classes
         self.paths = paths
         self.device = device
@@ -348,6 +344,9 @@ class _Trainer:
         self.config_hash = _config_hash(stage_cfg, num_classes, seed, steps_per_epoch)
         task.module.to(device)
         self.net: nn.Module = task.module
+        if distributed.is_distributed():  # before the EMA copy: DDP broadcasts rank 0's weights
+            device_ids = [device.index] if device.type == "cuda" else None
+            self.net = DistributedDataParallel(task.module, device_ids=device_ids)
         self.params = [p for p in task.trainable_parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the task has no trainable parameters")
@@ -494,9 +493,6 @@ class _Trainer:
         )
 
     def run(self, train_loader: Iterable, val_loader: Iterable) -> FitResult:
-        if distributed.is_distributed():
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = DistributedDataParallel(self.task.module, device_ids=device_ids)
         while self.epoch < self.cfg["epochs"]:
             start = time.perf_counter()
             train_stats, lr, images_per_s = self.train_epoch(train_loader)
@@ -538,9 +534,7 @@ def fit(
     continues from `paths.resume` (a missing file starts from scratch) and ends bit-identical to an
     uninterrupted run on CPU. On return the task holds the best state. The caller writes the artifact.
     """
-    cfg = _checked_config(stage_cfg)
-    steps = _steps_per_epoch(cfg, train_loader)
-    trainer = _Trainer(task, stage_cfg, num_classes, paths, device, seed, console, steps)
+    trainer = _Trainer(task, train_loader, stage_cfg, num_classes, paths, device, seed, console)
     if resume:
         state = _load_resume(Path(paths.resume), trainer.config_hash)
         if state is None:

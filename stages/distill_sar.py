@@ -19,12 +19,12 @@ from pipeline.stage import (
     chip_dataset,
     class_counts,
     make_loader,
-    make_stage_sampler,
     paired_dataset,
     parent_digest,
     prepare_stage,
     save_split,
     save_stage_artifact,
+    train_batches,
     train_val_rows,
 )
 from pipeline.artifacts import load_artifact
@@ -53,7 +53,6 @@ def main(argv: list[str] | None = None) -> int:
         ctx.cfg["model"]["drop_rate"], ctx.cfg["model"]["init_weights"],
     )
     supervised = build_classification_loss(cfg["loss"], class_counts(ctx, train_rows))
-    sampler = make_stage_sampler(ctx, train_rows)
 
     if with_teacher:
         teacher_state, teacher_manifest = load_artifact(ctx.weights_dir, TEACHER, ctx.packed.train_fingerprint)
@@ -70,17 +69,17 @@ def main(argv: list[str] | None = None) -> int:
             supervised, cfg["distill"], student_dim=student.embed_dim, teacher_dim=teacher.embed_dim
         )
         task = DistillTask(student, teacher, criterion)
-        train_ds = paired_dataset(ctx, train_rows, augment=True)
+        train_loader = train_batches(ctx, train_rows, "paired")
         val_ds = paired_dataset(ctx, val_rows, augment=False)
         ctx.console.print(f"{STAGE}: distilling {TEACHER} into a SAR student (T={cfg['distill']['temperature']}, kd_weight={cfg['distill']['kd_weight']}, feature_weight={cfg['distill']['feature_weight']})")
     else:
         ctx.console.print(f"{STAGE}: SAR-only dataset: no teacher; training the SAR model on labels alone")
         task = ClassifierTask(student, supervised)
-        train_ds = chip_dataset(ctx, "sar", train_rows, augment=True)
+        train_loader = train_batches(ctx, train_rows, "sar")
         val_ds = chip_dataset(ctx, "sar", val_rows, augment=False)
 
     result = fit(
-        task, make_loader(train_ds, cfg["batch_size"], ctx, sampler),
+        task, train_loader,
         make_loader(val_ds, cfg["batch_size"], ctx, train=False), cfg, ctx.num_classes,
         ctx.paths(ARTIFACT), ctx.device, resume=args.resume, seed=ctx.seed, console=ctx.console,
     )

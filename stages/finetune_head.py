@@ -25,6 +25,7 @@ from pipeline.stage import (
     prepare_stage,
     save_split,
     save_stage_artifact,
+    train_batches,
     train_val_rows,
 )
 from pipeline.tasks import EmbeddingDataset, HeadTask, embed_dataset
@@ -60,9 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     task = HeadTask(model, loss)
     if cfg["augment"]:
         ctx.console.print(f"{STAGE}: head on the frozen backbone, chips augmented and embedded every step")
-        train_ds = chip_dataset(ctx, "sar", train_rows, augment=True)
+        train_loader = train_batches(ctx, train_rows, "sar")
         val_ds = chip_dataset(ctx, "sar", val_rows, augment=False)
-        sampler = make_stage_sampler(ctx, train_rows)
     else:
         copies = int(cfg["aug_copies"])
         ctx.console.print(f"{STAGE}: fast path: embedding {len(train_rows)} training chips once (+{copies} augmented copies)")
@@ -75,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         train_ds = EmbeddingDataset(emb, labels)
         val_ds = EmbeddingDataset(*embed_dataset(model, chip_dataset(ctx, "sar", val_rows, augment=False), 512, ctx.device))
         all_rows = np.concatenate([train_rows] * (copies + 1))
-        sampler = make_stage_sampler(ctx, all_rows)
+        train_loader = make_loader(train_ds, cfg["batch_size"], ctx, make_stage_sampler(ctx, all_rows))
 
     result = fit(
-        task, make_loader(train_ds, cfg["batch_size"], ctx, sampler),
+        task, train_loader,
         make_loader(val_ds, cfg["batch_size"], ctx, train=False), cfg, ctx.num_classes,
         ctx.paths(ARTIFACT), ctx.device, resume=args.resume, seed=ctx.seed, console=ctx.console,
     )

@@ -15,10 +15,10 @@ from pipeline.stage import (
     chip_dataset,
     class_counts,
     make_loader,
-    make_stage_sampler,
     prepare_stage,
     save_split,
     save_stage_artifact,
+    train_batches,
     train_val_rows,
 )
 from pipeline.tasks import ClassifierTask
@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx.cfg["model"]["drop_rate"], ctx.cfg["model"]["init_weights"],
     )
     loss = build_classification_loss(cfg["loss"], class_counts(ctx, train_rows))
-    sampler = make_stage_sampler(ctx, train_rows)
-    train_loader = make_loader(chip_dataset(ctx, "eo", train_rows, augment=True), cfg["batch_size"], ctx, sampler)
+    train_loader = train_batches(ctx, train_rows, "eo")
     val_loader = make_loader(chip_dataset(ctx, "eo", val_rows, augment=False), cfg["batch_size"], ctx, train=False)
 
     result = fit(

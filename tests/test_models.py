@@ -114,6 +114,10 @@ def test_init_weights_roundtrip_of_own_state(tmp_path) -> None:
         assert torch.equal(model.state_dict()[key], value), key
 
 
+class _NotATensor:
+    pass
+
+
 def test_init_weights_errors(tmp_path) -> None:
     with pytest.raises(UserError, match="not found"):
         create_model("resnet10t", 3, init_weights=tmp_path / "missing.safetensors")
@@ -121,6 +125,10 @@ def test_init_weights_errors(tmp_path) -> None:
     broken.write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="could not be read"):
         create_model("resnet10t", 3, init_weights=broken)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hook": _NotATensor()}, pickled)
+    with pytest.raises(UserError, match="could not be read"):  # weights_only refuses arbitrary objects
+        create_model("resnet10t", 3, init_weights=pickled)
     other = tmp_path / "other.safetensors"
     save_file({"something.else": torch.zeros(3)}, str(other))
     with pytest.raises(UserError, match="no tensor that fits"):

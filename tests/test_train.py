@@ -67,9 +67,10 @@ def _cfg(**changes) -> dict:
     return cfg
 
 
-def _model(seed: int = 0, drop_rate: float = 0.1):
+def _model(seed: int = 0, name: str = "test_resnet"):
+    """A tiny timm ResNet (batch norm, deep stem) with head dropout, so buffers and RNG both matter."""
     torch.manual_seed(seed)
-    return create_model("resnet10t", NUM_CLASSES, small_input=False, drop_rate=drop_rate)
+    return create_model(name, NUM_CLASSES, small_input=False, drop_rate=0.1)
 
 
 def _loaders(n_train: int = 48, n_val: int = 24, paired: bool = False) -> tuple[DataLoader, DataLoader]:
@@ -121,10 +122,10 @@ def _balanced_accuracy_untrained(model, loader) -> float:
 
 
 def test_fit_learns_a_separable_problem_and_writes_metrics(tmp_path) -> None:
-    model = _model()
+    model = _model(name="test_efficientnet_gn")  # group norm: no running statistics to lag after 9 steps
     before = _balanced_accuracy_untrained(model, _loaders()[1])
     console = _quiet()
-    result = _fit(ClassifierTask(model, FocalLoss(gamma=2.0)), tmp_path, _cfg(epochs=3), console=console)
+    result = _fit(ClassifierTask(model, FocalLoss(gamma=2.0)), tmp_path, _cfg(epochs=3, lr=0.01), console=console)
     assert result.best_metrics["balanced_accuracy"] >= 0.9 > before
     assert result.best_epoch == result.best_metrics["epoch"]
     assert [row["epoch"] for row in result.history] == [1, 2, 3]
@@ -250,10 +251,11 @@ def test_head_task_on_embeddings_leaves_the_backbone_alone(tmp_path) -> None:
     frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("classifier.")}
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(60) % NUM_CLASSES
-    emb = torch.randn(60, model.embed_dim, generator=g) + 3 * torch.nn.functional.one_hot(labels, model.embed_dim)
+    signal = (torch.arange(model.embed_dim)[None, :] % NUM_CLASSES == labels[:, None]).float()
+    emb = 0.5 * torch.randn(60, model.embed_dim, generator=g) + signal
     train = DataLoader(EmbeddingDataset(emb[:45], labels[:45]), batch_size=15, shuffle=True)
     val = DataLoader(EmbeddingDataset(emb[45:], labels[45:]), batch_size=15)
-    result = fit(HeadTask(model, FocalLoss(gamma=0.0)), train, val, _cfg(epochs=3, lr=0.05), NUM_CLASSES,
+    result = fit(HeadTask(model, FocalLoss(gamma=0.0)), train, val, _cfg(epochs=2, lr=0.05), NUM_CLASSES,
                  ArtifactPaths.of(tmp_path, "head"), CPU, console=_quiet())
     assert result.best_metrics["balanced_accuracy"] > 0.9
     assert all(torch.equal(result.best_state[k], v) for k, v in frozen.items())
@@ -263,13 +265,23 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        train_ds, val_ds = BandDataset(48, seed=1), BandDataset(24, seed=2)
-        shard = distributed.ShardSampler(len(train_ds))
-        train = DataLoader(train_ds, batch_size=8, sampler=shard, drop_last=True)
-        val = DataLoader(val_ds, batch_size=8, sampler=distributed.ShardSampler(len(val_ds)))
-        result = fit(ClassifierTask(_model(seed=rank), FocalLoss(gamma=0.0)), train, val, _cfg(epochs=1),
+        def loaders(paired: bool) -> tuple[DataLoader, DataLoader]:
+            train_ds, val_ds = BandDataset(48, seed=1, paired=paired), BandDataset(24, seed=2, paired=paired)
+            train = DataLoader(train_ds, batch_size=8, sampler=distributed.ShardSampler(len(train_ds)), drop_last=True)
+            return train, DataLoader(val_ds, batch_size=8, sampler=distributed.ShardSampler(len(val_ds)))
+
+        # ranks start from different weights on purpose: DDP must broadcast rank 0's before the EMA copy
+        result = fit(ClassifierTask(_model(seed=rank), FocalLoss(gamma=0.0)), *loaders(False), _cfg(epochs=1, ema=0.5),
                      NUM_CLASSES, ArtifactPaths.of(out_dir, "ddp"), CPU, console=_quiet())
         torch.save(result.best_state, os.path.join(out_dir, f"state{rank}.pt"))
+
+        student, teacher = _model(seed=10 + rank), _model(seed=20)
+        criterion = DistillationLoss(FocalLoss(gamma=0.0), {"temperature": 2.0, "kd_weight": 1.0, "feature_weight": 1.0},
+                                     student.embed_dim, teacher.embed_dim)
+        fit(DistillTask(student, teacher, criterion), *loaders(True), _cfg(epochs=1), NUM_CLASSES,
+            ArtifactPaths.of(out_dir, "distill"), CPU, console=_quiet())
+        torch.save(criterion.alignment.state_dict(), os.path.join(out_dir, f"projection{rank}.pt"))
+
         y_true, _ = distributed.all_gather_arrays(np.array([rank] * (rank + 1)), np.zeros(rank + 1))
         np.save(os.path.join(out_dir, f"gathered{rank}.npy"), y_true)
     finally:
@@ -278,10 +290,12 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 def test_two_process_gloo_run_keeps_replicas_in_sync(tmp_path) -> None:
     torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    s0 = torch.load(tmp_path / "state0.pt", weights_only=True)
-    s1 = torch.load(tmp_path / "state1.pt", weights_only=True)
-    for key, value in s0.items():
-        if value.is_floating_point() and "running_" not in key:
-            assert torch.equal(value, s1[key]), key  # DDP broadcast rank 0's init and averaged gradients
+    for name in ("state", "projection"):
+        s0 = torch.load(tmp_path / f"{name}0.pt", weights_only=True)
+        s1 = torch.load(tmp_path / f"{name}1.pt", weights_only=True)
+        for key, value in s0.items():
+            if value.is_floating_point() and "running_" not in key:  # BN statistics stay per rank
+                assert torch.equal(value, s1[key]), f"{name} {key}"
     assert np.array_equal(np.load(tmp_path / "gathered1.npy"), [0, 1, 1])
     assert len(list(csv.DictReader(open(tmp_path / "ddp.metrics.csv")))) == 1
+    assert len(list(csv.DictReader(open(tmp_path / "distill.metrics.csv")))) == 1

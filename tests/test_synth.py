@@ -1,0 +1,263 @@
+"""The embedded synthetic dataset: counts, layout, determinism, refusal to overwrite, difficulty."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from pipeline.classes import NUM_OFFICIAL_CLASSES, OFFICIAL_COUNTS, OFFICIAL_NAMES, OOD_LABEL
+from pipeline.data import synth
+from pipeline.data.layout import discover_layout
+from pipeline.errors import UserError
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _truth(root: Path) -> list[dict[str, str]]:
+    with open(root / "test_truth.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "tiny"
+    synth.generate(out, "tiny", seed=0, workers=1)
+    return out
+
+
+# ----------------------------------------------------------------------------- counts
+
+
+def test_full_and_tiny_counts():
+    assert synth.scale_counts("full") == list(OFFICIAL_COUNTS)
+    assert synth.scale_counts("tiny") == [8] * NUM_OFFICIAL_CLASSES
+    assert synth.test_counts("full") == (360, [134, 133, 133])
+    assert synth.test_counts("tiny") == (3, [1, 1, 1])
+    assert synth.scale_counts(sum(OFFICIAL_COUNTS)) == list(OFFICIAL_COUNTS)
+
+
+@pytest.mark.parametrize("scale, total", [("quick", 4_000), (20_000, 20_000), ("100000", 100_000), (400, 400)])
+def test_scaled_counts_keep_ratios_above_the_floor(scale, total):
+    counts = synth.scale_counts(scale)
+    assert sum(counts) == total and min(counts) >= synth.FLOOR
+    free = [i for i, n in enumerate(counts) if n > synth.FLOOR]
+    budget = total - synth.FLOOR * (len(counts) - len(free))
+    weight = sum(OFFICIAL_COUNTS[i] for i in free)
+    for i in free:  # classes above the floor share the rest in the real ratios (rounding aside)
+        assert abs(counts[i] - budget * OFFICIAL_COUNTS[i] / weight) < 1.0
+    for i in set(range(len(counts))) - set(free):  # floored classes: their share at that rate is below the floor
+        assert weight == 0 or budget * OFFICIAL_COUNTS[i] / weight < synth.FLOOR
+
+
+def test_quick_counts_and_test_set_size():
+    counts = synth.scale_counts("quick")
+    assert counts[:4] == [3052, 364, 202, 142] and counts[4:] == [40] * 6
+    per_class, per_ood = synth.test_counts("quick")
+    assert per_class * NUM_OFFICIAL_CLASSES + sum(per_ood) == 1_100
+    assert synth.test_counts(20_000) == synth.test_counts("quick")
+
+
+@pytest.mark.parametrize("scale", ["huge", "399", 12, "-5", "1.5"])
+def test_bad_scale_is_a_user_error(scale):
+    with pytest.raises(UserError, match="scale"):
+        synth.scale_counts(scale)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def test_layout_pairs_and_names(tiny):
+    expected = {"EO_Train", "SAR_Train", "SAR_Test", "test_truth.csv", "synth_info.json"}
+    assert {p.name for p in tiny.iterdir()} == expected
+    for modality in ("EO_Train", "SAR_Train"):
+        assert sorted(p.name for p in (tiny / modality).iterdir()) == sorted(OFFICIAL_NAMES)
+    all_names = []
+    for name in OFFICIAL_NAMES:
+        eo = sorted(p.name for p in (tiny / "EO_Train" / name).iterdir())
+        sar = sorted(p.name for p in (tiny / "SAR_Train" / name).iterdir())
+        assert eo == sar and len(eo) == 8
+        assert all(re.fullmatch(r"\d{8}\.png", n) for n in eo)
+        all_names += eo
+    assert len(set(all_names)) == len(all_names)
+    tests = sorted(p.name for p in (tiny / "SAR_Test").iterdir())
+    assert len(tests) == 33 and all(re.fullmatch(r"Gotcha\d{8}\.png", n) for n in tests)
+
+
+def test_truth_file_beside_test_folder_is_balanced_with_ood(tiny):
+    rows = _truth(tiny)
+    assert (tiny / "test_truth.csv").read_text().splitlines()[0] == "image_id,class_id"
+    ids = sorted(int(p.stem[len("Gotcha"):]) for p in (tiny / "SAR_Test").iterdir())
+    assert sorted(int(r["image_id"]) for r in rows) == ids
+    labels = np.array([int(r["class_id"]) for r in rows])
+    assert np.bincount(labels[labels >= 0], minlength=NUM_OFFICIAL_CLASSES).tolist() == [3] * NUM_OFFICIAL_CLASSES
+    info = json.loads((tiny / "synth_info.json").read_text())
+    assert len(info["ood_kinds"]) >= 3 and all(n >= 1 for n in info["ood_kinds"].values())
+    ood_ids = {int(r["image_id"]) for r in rows if int(r["class_id"]) == OOD_LABEL}
+    assert ood_ids == {i for ids_ in info["ood_images"].values() for i in ids_} and len(ood_ids) == 3
+
+
+def test_chips_are_grayscale_at_the_default_sizes(tiny):
+    eo = cv2.imread(str(next((tiny / "EO_Train" / "bus").iterdir())), cv2.IMREAD_UNCHANGED)
+    sar = cv2.imread(str(next((tiny / "SAR_Train" / "bus").iterdir())), cv2.IMREAD_UNCHANGED)
+    test = cv2.imread(str(next((tiny / "SAR_Test").iterdir())), cv2.IMREAD_UNCHANGED)
+    assert eo.shape == (31, 31) and sar.shape == (55, 55) and test.shape == (55, 55)
+    assert eo.dtype == sar.dtype == np.uint8
+
+
+def test_project_loader_reads_it(tiny):
+    layout = discover_layout(tiny)
+    assert layout.kind == "official" and layout.has_eo
+    assert layout.pair_counts()["paired"] == 80
+    assert sum(1 for item in layout.test if item.class_id == OOD_LABEL) == 3
+
+
+# ----------------------------------------------------------------------------- determinism, sizes
+
+
+def test_same_seed_same_bytes_any_workers_other_seed_differs(tiny, tmp_path):
+    synth.generate(tmp_path / "again", "tiny", seed=0, workers=2)
+    assert _files(tmp_path / "again") == _files(tiny)
+    synth.generate(tmp_path / "other", "tiny", seed=1, workers=1)
+    other, first = _files(tmp_path / "other"), _files(tiny)
+    pngs = lambda files: sorted(v for k, v in files.items() if k.endswith(".png"))  # noqa: E731
+    assert not set(pngs(other)) & set(pngs(first))
+
+
+def test_sizes_are_honoured_and_an_empty_folder_is_used(tmp_path):
+    out = tmp_path / "sized"
+    out.mkdir()
+    summary = synth.generate(out, "tiny", seed=3, eo_size=20, sar_size=40, workers=1)
+    assert summary["n_train"] == 80 and summary["n_test"] == 33
+    eo = cv2.imread(str(next((out / "EO_Train" / "sedan").iterdir())), cv2.IMREAD_UNCHANGED)
+    sar = cv2.imread(str(next((out / "SAR_Test").iterdir())), cv2.IMREAD_UNCHANGED)
+    assert eo.shape == (20, 20) and sar.shape == (40, 40)
+    assert [p.name for p in tmp_path.iterdir()] == ["sized"]  # no temporary sibling left
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def test_refuses_non_empty_folder_and_file(tmp_path):
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(UserError, match="not empty"):
+        synth.generate(out, "tiny", workers=1)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        synth.generate(tmp_path / "file", "tiny", workers=1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"seed": -1}, "seed"), ({"eo_size": 4}, "--eo-size"), ({"sar_size": 2}, "--sar-size"),
+     ({"workers": 0}, "--workers")],
+)
+def test_bad_arguments_are_user_errors(tmp_path, kwargs, match):
+    with pytest.raises(UserError, match=match):
+        synth.generate(tmp_path / "x", "tiny", **kwargs)
+    assert not any(tmp_path.iterdir())
+
+
+def test_failed_run_leaves_no_half_dataset(tmp_path, monkeypatch):
+    written = []
+    real_write = synth._encode_write
+
+    def failing_write(path: str, img: np.ndarray) -> None:
+        if len(written) == 50:
+            raise OSError(28, "No space left on device")
+        written.append(path)
+        real_write(path, img)
+
+    monkeypatch.setattr(synth, "_encode_write", failing_write)
+    with pytest.raises(UserError, match="No space left"):
+        synth.generate(tmp_path / "data", "tiny", workers=1)
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_prints_summary_and_reports_user_errors(tmp_path, capsys):
+    synth.main(["--out", str(tmp_path / "cli"), "--scale", "tiny", "--seed", "2", "--workers", "1"])
+    printed = capsys.readouterr().out
+    assert "train: 80 pairs" in printed and "33 SAR chips" in printed and "tank 1" in printed
+    with pytest.raises(SystemExit) as stop:
+        synth.main(["--out", str(tmp_path / "cli"), "--scale", "tiny"])
+    assert stop.value.code == 2 and "not empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        synth.main(["--out", str(tmp_path / "bad"), "--scale", "lots"])
+    assert stop.value.code == 2 and "scale 'lots'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- difficulty
+
+
+def _features(chips: np.ndarray, rings: int = 8) -> np.ndarray:
+    """Rotation-invariant hand-crafted features: radial mean/energy profile, quantiles, edge statistics."""
+    size = chips.shape[1]
+    yy, xx = np.mgrid[:size, :size]
+    radius = np.hypot(yy - (size - 1) / 2, xx - (size - 1) / 2) / (size / 2)
+    ring = np.minimum((radius * rings).astype(int), rings).ravel()
+    per_ring = np.bincount(ring, minlength=rings + 1)
+    rows = []
+    for chip in chips.astype(np.float32):
+        z = (chip - chip.mean()) / (chip.std() + 1e-6)
+        gy, gx = np.gradient(cv2.GaussianBlur(z, (0, 0), 1.0))
+        grad = np.hypot(gx, gy)
+        rows.append(np.concatenate([
+            np.bincount(ring, z.ravel(), rings + 1) / per_ring,
+            np.bincount(ring, (z**2).ravel(), rings + 1) / per_ring,
+            np.quantile(z, [0.02, 0.1, 0.25, 0.5, 0.75, 0.9, 0.98]),
+            [grad.mean(), (grad > 1).mean(), (z > 1.5).mean(), (z < -1).mean()],
+        ]))
+    return np.array(rows)
+
+
+@pytest.fixture(scope="module")
+def balanced_chips() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """40 objects per class rendered in both modalities (the generator's own per-object path)."""
+    eo, sar, labels = [], [], []
+    for kind in range(NUM_OFFICIAL_CLASSES):
+        for j in range(40):
+            e, s = synth.render_pair(kind, synth.object_rng(0, synth.TRAIN_STREAM, kind * 10_000 + j), 31, 55)
+            eo.append(e), sar.append(s), labels.append(kind)
+    return np.array(eo), np.array(sar), np.array(labels)
+
+
+def _balanced_accuracy(features: np.ndarray, labels: np.ndarray, model) -> float:
+    folds = StratifiedKFold(5, shuffle=True, random_state=0)
+    return float(cross_val_score(model, features, labels, cv=folds, scoring="balanced_accuracy").mean())
+
+
+def _logistic():
+    return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
+
+
+@pytest.mark.parametrize("modality", [0, 1], ids=["EO", "SAR"])
+def test_mean_brightness_alone_is_a_weak_cue(balanced_chips, modality):
+    chips, labels = balanced_chips[modality], balanced_chips[2]
+    mean_only = _balanced_accuracy(chips.mean(axis=(1, 2))[:, None], labels, _logistic())
+    from_pixels = _balanced_accuracy(_features(chips), labels, _logistic())
+    assert mean_only < 0.2  # chance is 0.1
+    assert from_pixels > mean_only + 0.15
+
+
+def test_eo_is_easier_than_sar(balanced_chips):
+    eo, sar, labels = balanced_chips
+    knn = lambda: make_pipeline(StandardScaler(), KNeighborsClassifier(7))  # noqa: E731
+    eo_score = _balanced_accuracy(_features(eo), labels, knn())
+    sar_score = _balanced_accuracy(_features(sar), labels, knn())
+    assert sar_score > 0.2  # SAR is learnable...
+    assert eo_score > sar_score + 0.05  # ...but harder than EO
