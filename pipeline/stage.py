@@ -31,13 +31,14 @@ from pipeline.data.pack import PackedData, pack_dataset
 from pipeline.data.resident import ResidentBatches
 from pipeline.data.samplers import make_sampler
 from pipeline.errors import UserError
+from pipeline.models import ChipClassifier, create_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT / "data" / "synthetic"
 DEFAULT_WEIGHTS = REPO_ROOT / "weights"
 
 
-def build_parser(stage: str, description: str | None) -> argparse.ArgumentParser:
+def build_parser(stage: str, description: str | None, training: bool = True) -> argparse.ArgumentParser:
     """The flags every stage takes (data, weights, profile, overrides, seed, device, resume, ...)."""
     parser = argparse.ArgumentParser(
         prog=f"python -m stages.{stage}",
@@ -55,7 +56,8 @@ def build_parser(stage: str, description: str | None) -> argparse.ArgumentParser
     parser.add_argument("--holdout-classes", default=None, help="comma-separated classes left out of training and scored as OOD at test")
     parser.add_argument("--cache-dir", type=Path, default=None, help="where packed arrays are cached (default: <data>/.cache/packs)")
     parser.add_argument("--skip-bad", action="store_true", help="leave out unreadable images (listed in the cache) instead of stopping")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted training run from its last epoch checkpoint")
+    if training:
+        parser.add_argument("--resume", action="store_true", help="continue an interrupted training run from its last epoch checkpoint")
     parser.add_argument("--skip-fresh", action="store_true", help="exit without work when the artifact is already up to date (same config, data, parents)")
     return parser
 
@@ -144,6 +146,8 @@ def prepare_stage(stage: str, args: argparse.Namespace, console: Console | None 
         skip_bad=args.skip_bad,
         console=console,
     )
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # chips have one fixed size per modality
     torch.manual_seed(int(cfg["seed"]))
     np.random.seed(int(cfg["seed"]) % 2**32)
     weights_dir = Path(args.weights)
@@ -208,6 +212,15 @@ def make_stage_sampler(ctx: StageContext, rows: np.ndarray) -> Sampler:
     )
 
 
+def new_model(ctx: StageContext, modality: str) -> ChipClassifier:
+    """A fresh classifier from the `model` section for chips of `modality` ("eo" or "sar")."""
+    m = ctx.cfg["model"]
+    return create_model(
+        m["name"], ctx.num_classes, small_input=bool(m["small_input"]), drop_rate=float(m["drop_rate"]),
+        init_weights=m["init_weights"], input_size=int(ctx.cfg["data"][f"{modality}_size"]),
+    )
+
+
 def chip_dataset(ctx: StageContext, modality: str, rows: np.ndarray, augment: bool) -> ChipDataset:
     """Single-modality chips of training `rows` (positions in train_index), augmented or not."""
     index = ctx.packed.train_index.iloc[rows]
@@ -258,6 +271,8 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader with the config's workers, pinned memory on CUDA, whole batches when training."""
     workers = int(ctx.cfg["data"]["num_workers"])
+    if sampler is None and not train and distributed.is_distributed():
+        sampler = distributed.ShardSampler(len(dataset))  # each rank scores its share; fit gathers them
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -13,12 +13,13 @@ import torch
 from pipeline import distributed
 from pipeline.errors import UserError, exit_on_user_error
 from pipeline.losses import DistillationLoss, build_classification_loss
-from pipeline.models import create_model, model_from_spec, model_spec
+from pipeline.models import model_from_spec, model_spec
 from pipeline.stage import (
     build_parser,
     chip_dataset,
     class_counts,
     make_loader,
+    new_model,
     paired_dataset,
     parent_digest,
     prepare_stage,
@@ -48,10 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     train_rows, val_rows = train_val_rows(ctx, modality="sar")
     split_sha = save_split(ctx, ARTIFACT)
-    student = create_model(
-        ctx.cfg["model"]["name"], ctx.num_classes, ctx.cfg["model"]["small_input"],
-        ctx.cfg["model"]["drop_rate"], ctx.cfg["model"]["init_weights"],
-    )
+    student = new_model(ctx, "sar")
     supervised = build_classification_loss(cfg["loss"], class_counts(ctx, train_rows))
 
     if with_teacher:

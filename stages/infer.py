@@ -50,18 +50,26 @@ def mark_latest(submissions: Path, run_dir: Path) -> None:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, dataset: ChipDataset, cfg: dict, device: torch.device, console) -> tuple[np.ndarray, np.ndarray]:
-    """TTA logits and embeddings of every test chip, streamed in batches."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=int(cfg["batch_size"]), shuffle=False)
+def predict(model: torch.nn.Module, dataset: ChipDataset, cfg: dict, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """TTA logits and embeddings of every test chip, streamed in batches (sharded across ranks, gathered)."""
+    sampler = distributed.ShardSampler(len(dataset)) if distributed.is_distributed() else None
+    loader = torch.utils.data.DataLoader(dataset, batch_size=int(cfg["batch_size"]), sampler=sampler, shuffle=False)
     tta = cfg["tta"]
-    logits, embs = [], []
+    logits, embs, index = [], [], []
     for batch in loader:
         x = batch["image"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             lg, emb = predict_tta(model, x, list(tta["views"]), [float(s) for s in tta["scales"]], str(tta["average"]))
         logits.append(lg.float().cpu())
         embs.append(emb.float().cpu())
-    return torch.cat(logits).numpy().astype(np.float64), torch.cat(embs).numpy().astype(np.float32)
+        index.append(batch["index"])
+    logits_np = torch.cat(logits).numpy().astype(np.float64)
+    embs_np = torch.cat(embs).numpy().astype(np.float32)
+    index_np = torch.cat(index).numpy().astype(np.int64)
+    if distributed.is_distributed():
+        logits_np, embs_np, index_np = distributed.all_gather_arrays(logits_np, embs_np, index_np)
+    order = np.argsort(index_np, kind="stable")
+    return logits_np[order], embs_np[order]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -72,7 +80,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(STAGE, __doc__)
+    parser = build_parser(STAGE, __doc__, training=False)
     parser.add_argument("--submissions", type=Path, default=DEFAULT_SUBMISSIONS, help="folder of submission runs")
     parser.add_argument("--run", default=None, help="name of the new submission folder (default: a timestamp); never overwritten")
     args = parser.parse_args(argv)
@@ -105,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         norm=(spec["norm"]["mean"], spec["norm"]["std"]), augment=None, seed=ctx.seed,
     )
     ctx.console.print(f"{STAGE}: {len(dataset)} test chips, {len(cfg['tta']['views']) * len(cfg['tta']['scales'])} TTA views")
-    logits, embeddings = predict(model, dataset, cfg, ctx.device, ctx.console)
+    logits, embeddings = predict(model, dataset, cfg, ctx.device)
     probs = softmax(logits)
 
     vote_cfg = cfg["cluster"]
@@ -137,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         "code_version": code_version(),
     }
     if not distributed.is_main_process():
+        distributed.cleanup()
         return 0
     run_dir = new_run_dir(args.submissions, args.run)
     known = labels >= -1

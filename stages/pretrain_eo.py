@@ -9,12 +9,13 @@ from __future__ import annotations
 from pipeline import distributed
 from pipeline.errors import exit_on_user_error
 from pipeline.losses import build_classification_loss
-from pipeline.models import create_model, model_spec
+from pipeline.models import model_spec
 from pipeline.stage import (
     build_parser,
     chip_dataset,
     class_counts,
     make_loader,
+    new_model,
     prepare_stage,
     save_split,
     save_stage_artifact,
@@ -44,10 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     train_rows, val_rows = train_val_rows(ctx, modality="eo")
     split_sha = save_split(ctx, ARTIFACT)
     cfg = ctx.stage_cfg
-    model = create_model(
-        ctx.cfg["model"]["name"], ctx.num_classes, ctx.cfg["model"]["small_input"],
-        ctx.cfg["model"]["drop_rate"], ctx.cfg["model"]["init_weights"],
-    )
+    model = new_model(ctx, "eo")
     loss = build_classification_loss(cfg["loss"], class_counts(ctx, train_rows))
     train_loader = train_batches(ctx, train_rows, "eo")
     val_loader = make_loader(chip_dataset(ctx, "eo", val_rows, augment=False), cfg["batch_size"], ctx, train=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import timm
@@ -52,8 +53,6 @@ def test_non_resnet_model_warns_once_for_small_input(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(models, "_SMALL_INPUT_WARNED", set())
     with pytest.warns(UserWarning, match="small_input has no effect on 'test_efficientnet'"):
         model = create_model("test_efficientnet", 3, small_input=True)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         create_model("test_efficientnet", 3, small_input=True)
