@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -78,6 +78,18 @@ def all_reduce_min(value: int) -> int:
     out = torch.tensor([int(value)], dtype=torch.int64, device=_collective_device())
     dist.all_reduce(out, op=dist.ReduceOp.MIN)
     return int(out.item())
+
+
+def broadcast_(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
+    """Overwrite every tensor in place with process `src`'s copy (e.g. batch-norm statistics)."""
+    if not is_distributed():
+        return
+    device = _collective_device()
+    for tensor in tensors:
+        buffer = tensor.detach().to(device)  # the tensor itself when it already lives there
+        dist.broadcast(buffer, src)
+        if buffer.data_ptr() != tensor.data_ptr():
+            tensor.detach().copy_(buffer)
 
 
 def all_gather_arrays(*arrays: np.ndarray) -> list[np.ndarray]:

@@ -467,7 +467,13 @@ class _Trainer:
         )
 
     def validate(self, val_loader: Iterable) -> tuple[dict[str, Any], dict[str, Tensor]]:
-        """Metrics of the EMA weights when EMA is on (else the live ones), and that state on CPU."""
+        """Metrics of the EMA weights when EMA is on (else the live ones), and that state on CPU.
+
+        Every rank first takes rank 0's copy of that state: DDP keeps parameters equal, but each rank's
+        batch-norm statistics follow its own batches, and the gathered metrics must be those of the
+        state rank 0 saves.
+        """
+        distributed.broadcast_((self.task.state_dict() if self.ema is None else self.ema.state).values())
         if self.ema is None:
             return _validate(self.task, val_loader, self.device, self.num_classes, self.autocast), _cpu_clone(
                 self.task.state_dict()

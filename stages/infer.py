@@ -10,6 +10,7 @@ submissions/<run>/{results.csv, predictions.csv, summary.json} and, when the tes
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         norm=(spec["norm"]["mean"], spec["norm"]["std"]), augment=None, seed=ctx.seed,
     )
     ctx.console.print(f"{STAGE}: {len(dataset)} test chips, {len(cfg['tta']['views']) * len(cfg['tta']['scales'])} TTA views")
+    start = time.perf_counter()
     logits, embeddings = predict(model, dataset, cfg, ctx.device)
+    predict_seconds = time.perf_counter() - start
     probs = softmax(logits)
 
     vote_cfg = cfg["cluster"]
@@ -142,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         "classes": list(ctx.layout.classes.names)}, "num_test": int(len(ids)),
         "ood_method": ood["method"], "votes_changed": int(voting.changed.sum()),
         "clusters": int(voting.k),
+        "views": len(cfg["tta"]["views"]) * len(cfg["tta"]["scales"]),
+        "predict_seconds": predict_seconds, "images_per_s": len(ids) / max(predict_seconds, 1e-9),
         "code_version": code_version(),
     }
     if not distributed.is_main_process():

@@ -44,8 +44,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_full_and_tiny_counts():
     assert synth.scale_counts("full") == list(OFFICIAL_COUNTS)
     assert synth.scale_counts("tiny") == [8] * NUM_OFFICIAL_CLASSES
-    assert synth.test_counts("full") == (360, [134, 133, 133])
-    assert synth.test_counts("tiny") == (3, [1, 1, 1])
+    assert synth.counts_of_test_set("full") == (360, [134, 133, 133])
+    assert synth.counts_of_test_set("tiny") == (3, [1, 1, 1])
     assert synth.scale_counts(sum(OFFICIAL_COUNTS)) == list(OFFICIAL_COUNTS)
 
 
@@ -65,9 +65,9 @@ def test_scaled_counts_keep_ratios_above_the_floor(scale, total):
 def test_quick_counts_and_test_set_size():
     counts = synth.scale_counts("quick")
     assert counts[:4] == [3052, 364, 202, 142] and counts[4:] == [40] * 6
-    per_class, per_ood = synth.test_counts("quick")
+    per_class, per_ood = synth.counts_of_test_set("quick")
     assert per_class * NUM_OFFICIAL_CLASSES + sum(per_ood) == 1_100
-    assert synth.test_counts(20_000) == synth.test_counts("quick")
+    assert synth.counts_of_test_set(20_000) == synth.counts_of_test_set("quick")
 
 
 @pytest.mark.parametrize("scale", ["huge", "399", 12, "-5", "1.5"])
