@@ -203,6 +203,16 @@ def _cycle(loader: Iterable, steps: int) -> Iterator[Any]:
                 raise UserError("the training loader yielded no batches") from None
 
 
+def _mean_over_ranks(loss: Tensor, parts: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
+    """The step's loss (1-element tensor) and its logged parts, averaged over processes in one all-reduce."""
+    value = loss.detach().float().reshape(1)
+    if not distributed.is_distributed():
+        return value, parts
+    local = torch.cat([value, torch.tensor(list(parts.values()), dtype=torch.float32, device=value.device)])
+    mean = distributed.all_reduce_sum(local) / distributed.world_size()
+    return mean[:1], dict(zip(parts, mean[1:].tolist()))
+
+
 def _cpu_clone(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
@@ -427,7 +437,7 @@ class _Trainer:
                 batch = _to_device(batch, self.device)
                 with self.autocast():
                     loss, parts = self.task.loss(batch, self.net)
-                loss_value = distributed.all_reduce_sum(loss.detach().float().reshape(1)) / distributed.world_size()
+                loss_value, parts = _mean_over_ranks(loss, parts)
                 if not torch.isfinite(loss_value).all():
                     raise self.diverged("loss", step)
                 self.optimizer.zero_grad(set_to_none=True)
