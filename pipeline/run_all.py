@@ -110,6 +110,15 @@ def stage_metric(stage: str, weights: Path) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
 
 
+def stage_output_stamp(stage: str, args: argparse.Namespace) -> tuple[int, str] | None:
+    """What a stage's output looks like now (manifest mtime, or the latest submission), to tell ran from skipped."""
+    if stage == "infer":
+        pointer = args.submissions / "latest.txt"
+        return (0, pointer.read_text()) if pointer.is_file() else None  # a new run has a new name
+    path = ArtifactPaths.of(args.weights, ARTIFACT_OF_STAGE[stage]).manifest
+    return (path.stat().st_mtime_ns, "") if path.is_file() else None
+
+
 def latest_submission(submissions: Path) -> Path | None:
     pointer = submissions / "latest.txt"
     if not pointer.is_file():
@@ -130,10 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     total_start = time.perf_counter()
     for stage in selected_stages(args):
         console.rule(f"[bold]{stage}")
+        before = stage_output_stamp(stage, args)
         start = time.perf_counter()
         rc = subprocess.call(stage_command(stage, args, data), cwd=REPO_ROOT, env=env)
         seconds = time.perf_counter() - start
-        rows.append((stage, seconds))
+        after = stage_output_stamp(stage, args)
+        status = "no output" if after is None else ("ran" if after != before else "up to date")
+        rows.append((stage, seconds, status))
         if rc != 0:
             console.print(
                 f"[red]run_all: stage {stage} failed (exit {rc}); earlier artifacts are kept. "
@@ -142,11 +154,12 @@ def main(argv: list[str] | None = None) -> int:
             return rc
     table = Table(title="run_all summary")
     table.add_column("stage")
+    table.add_column("status")
     table.add_column("time (s)", justify="right")
     table.add_column("val balanced acc", justify="right")
-    for stage, seconds in rows:
-        table.add_row(stage, f"{seconds:.1f}", stage_metric(stage, args.weights))
-    table.add_row("total", f"{time.perf_counter() - total_start:.1f}", "")
+    for stage, seconds, status in rows:
+        table.add_row(stage, status, f"{seconds:.1f}", stage_metric(stage, args.weights))
+    table.add_row("total", "", f"{time.perf_counter() - total_start:.1f}", "")
     console.print(table)
     run = latest_submission(args.submissions) if "infer" in [r[0] for r in rows] else None
     if run is not None:

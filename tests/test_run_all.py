@@ -63,11 +63,14 @@ def test_end_to_end_then_skip_then_force_infer(workspace):
     second = run_all(*flags(ws))
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("skipped") >= 4
+    summary = second.stdout.split("run_all summary", 1)[1]
+    assert summary.count("up to date") == 4 and " ran " not in summary
     assert manifest_times(ws) == before and runs(ws) == [run]
 
     forced = run_all(*flags(ws), "--force", "--only", "infer")
     assert forced.returncode == 0, forced.stderr[-3000:]
     assert manifest_times(ws) == before and len(runs(ws)) == 2
+    assert "│ ran " in forced.stdout.split("run_all summary", 1)[1]
 
 
 def test_changed_training_image_reruns_everything_downstream(workspace):
