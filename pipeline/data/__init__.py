@@ -1,0 +1,1 @@
+"""Data layer: dataset discovery, packing into memory-mapped arrays, augmentation, datasets, samplers."""
