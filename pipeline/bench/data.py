@@ -50,10 +50,12 @@ class PngPairedDataset(PairedChipDataset):
         augment: Augmenter | None = None,
         seed: int = 0,
     ) -> None:
-        placeholder_eo = np.zeros((1, eo_size, eo_size), np.uint8)
-        placeholder_sar = np.zeros((1, sar_size, sar_size), np.uint8)
+        # The parent class reads packed arrays; this variant decodes files instead, so it hands the
+        # parent one blank chip per modality (shapes only) and overrides _load_pair.
+        blank_eo = np.zeros((1, eo_size, eo_size), np.uint8)
+        blank_sar = np.zeros((1, sar_size, sar_size), np.uint8)
         rows = np.zeros(len(labels), dtype=np.int64)
-        super().__init__(placeholder_eo, placeholder_sar, rows, rows, labels, eo_norm, sar_norm, augment, seed)
+        super().__init__(blank_eo, blank_sar, rows, rows, labels, eo_norm, sar_norm, augment, seed)
         self.eo_paths, self.sar_paths = eo_paths, sar_paths
         self.eo_size, self.sar_size, self.interpolation = eo_size, sar_size, interpolation
 
