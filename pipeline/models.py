@@ -21,19 +21,53 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from pipeline import nets  # noqa: F401  (registers the compact nets with timm)
 from pipeline.errors import UserError
 
 IN_CHANS = 1
+INTENSITIES = ("none", "standardize", "log")
 _SMALL_INPUT_WARNED: set[str] = set()
 
 
+class ChipInput(nn.Module):
+    """What the model does to a normalised chip before the backbone: centre window, per-chip intensity.
+
+    A chip larger than `window` is centre-cropped to it (evaluation gets packed chips with their
+    translation margin; training batches already come as random windows). `intensity`: `none` keeps the
+    dataset normalisation, `standardize` gives every chip zero mean and unit variance, `log` does that on
+    log intensities (undoing the dataset normalisation `norm` first), which compresses radar's bright tail.
+    """
+
+    def __init__(self, window: int | None = None, intensity: str = "none", norm: tuple[float, float] = (0.0, 1.0)) -> None:
+        super().__init__()
+        if intensity not in INTENSITIES:
+            raise UserError(f"data.intensity '{intensity}' is unknown: expected one of {', '.join(INTENSITIES)}")
+        self.window, self.intensity = window, intensity
+        self.mean, self.std = float(norm[0]), float(norm[1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        if self.window is not None and (h > self.window or w > self.window):
+            top, left = max(h - self.window, 0) // 2, max(w - self.window, 0) // 2
+            x = x[..., top : top + self.window, left : left + self.window]
+        if self.intensity == "none":
+            return x
+        if self.intensity == "log":
+            x = torch.log((x * self.std + self.mean).clamp(min=0) + 1 / 255)
+        mean = x.mean(dim=(-2, -1), keepdim=True)
+        std = x.std(dim=(-2, -1), keepdim=True)
+        return (x - mean) / (std + 1e-3)
+
+
 class ChipClassifier(nn.Module):
-    """A timm backbone (features only) followed by dropout and a linear head named `classifier`."""
+    """Input adapter, a timm backbone (features only), dropout and a linear head named `classifier`."""
 
     def __init__(
-        self, backbone: nn.Module, num_classes: int, timm_name: str, small_input: bool, drop_rate: float
+        self, backbone: nn.Module, num_classes: int, timm_name: str, small_input: bool, drop_rate: float,
+        chip_input: ChipInput | None = None,
     ) -> None:
         super().__init__()
+        self.input = chip_input or ChipInput()
         self.backbone = backbone
         self.dropout = nn.Dropout(drop_rate)
         self.classifier = nn.Linear(self.embed_dim, num_classes)
@@ -51,8 +85,8 @@ class ChipClassifier(nn.Module):
         return self.classifier.out_features
 
     def embed(self, x: Tensor) -> Tensor:
-        """Pooled features (B, D)."""
-        return self.backbone(x)
+        """Pooled features (B, D) of normalised chips (centre window and intensity applied here)."""
+        return self.backbone(self.input(x))
 
     def head(self, emb: Tensor) -> Tensor:
         """Logits (B, C) from pooled features."""
@@ -106,8 +140,13 @@ def create_model(
     drop_rate: float = 0.0,
     init_weights: str | Path | None = None,
     input_size: int | tuple[int, int] | None = None,
+    window: int | None = None,
+    intensity: str = "none",
+    norm: dict[str, float] | None = None,
 ) -> ChipClassifier:
-    """A 1-channel ChipClassifier over timm model `name`; `input_size` only matters to fixed-size models."""
+    """A 1-channel ChipClassifier over timm model `name`; `input_size` only matters to fixed-size models.
+
+    `window`, `intensity` and `norm` configure the ChipInput adapter (see there)."""
     if not timm.is_model(name):
         raise _unknown_model_error(name)
     if num_classes < 1:
@@ -115,7 +154,9 @@ def create_model(
     backbone = _build_backbone(name, input_size)
     if small_input:
         _use_small_input_stem(backbone, name)
-    model = ChipClassifier(backbone, num_classes, name, small_input, float(drop_rate))
+    norm_pair = (float(norm["mean"]), float(norm["std"])) if norm else (0.0, 1.0)
+    chip_input = ChipInput(window, intensity, norm_pair)
+    model = ChipClassifier(backbone, num_classes, name, small_input, float(drop_rate), chip_input)
     if init_weights:
         load_init_weights(model, init_weights)
     return model
@@ -205,6 +246,8 @@ def model_spec(model: ChipClassifier, input_size: int | tuple[int, int], norm: d
         "drop_rate": model.drop_rate,
         "embed_dim": model.embed_dim,
         "norm": {"mean": float(norm["mean"]), "std": float(norm["std"])},
+        "window": model.input.window,
+        "intensity": model.input.intensity,
     }
 
 
@@ -221,4 +264,7 @@ def model_from_spec(spec: dict[str, Any]) -> ChipClassifier:
         small_input=bool(spec["small_input"]),
         drop_rate=float(spec.get("drop_rate", 0.0)),
         input_size=tuple(spec["input_size"]),
+        window=spec.get("window"),
+        intensity=str(spec.get("intensity", "none")),
+        norm=spec.get("norm"),
     )

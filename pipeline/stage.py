@@ -26,6 +26,7 @@ from pipeline.artifacts import (
 from pipeline.config import Config, load_config, stage_config
 from pipeline.data.augment import AugmentConfig, build_augmenter
 from pipeline.data.datasets import ChipDataset, PairedChipDataset, stratified_split
+from pipeline.data.geometry import ChipGeometry, resolve_geometry
 from pipeline.data.layout import DatasetLayout, apply_holdout, describe, discover_layout
 from pipeline.data.pack import PackedData, pack_dataset
 from pipeline.data.resident import ResidentBatches
@@ -97,6 +98,7 @@ class StageContext:
     device: torch.device
     console: Console
     weights_dir: Path
+    geometry: dict[str, ChipGeometry]
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -137,10 +139,19 @@ def prepare_stage(stage: str, args: argparse.Namespace, console: Console | None 
     if cfg["data"]["holdout_classes"]:
         layout = apply_holdout(layout, [str(c) for c in cfg["data"]["holdout_classes"]])
     console.print(describe(layout))
+    geometry = {
+        "eo": resolve_geometry(cfg["data"], "eo", [item.eo_path for item in layout.train]),
+        "sar": resolve_geometry(cfg["data"], "sar", [item.sar_path for item in layout.train]),
+    }
+    console.print(
+        "chips: " + ", ".join(f"{m.upper()} {g.fit} to {g.packed} px, window {g.window} px" for m, g in geometry.items())
+    )
     packed = pack_dataset(
         layout,
-        eo_size=int(cfg["data"]["eo_size"]),
-        sar_size=int(cfg["data"]["sar_size"]),
+        eo_size=geometry["eo"].packed,
+        sar_size=geometry["sar"].packed,
+        eo_fit=geometry["eo"].fit,
+        sar_fit=geometry["sar"].fit,
         interpolation=str(cfg["data"]["interpolation"]),
         cache_dir=args.cache_dir,
         skip_bad=args.skip_bad,
@@ -153,7 +164,7 @@ def prepare_stage(stage: str, args: argparse.Namespace, console: Console | None 
     weights_dir = Path(args.weights)
     if distributed.is_main_process():
         weights_dir.mkdir(parents=True, exist_ok=True)
-    return StageContext(stage, args, cfg, layout, packed, device, console, weights_dir)
+    return StageContext(stage, args, cfg, layout, packed, device, console, weights_dir, geometry)
 
 
 def split_rows(ctx: StageContext) -> tuple[np.ndarray, np.ndarray]:
@@ -215,9 +226,11 @@ def make_stage_sampler(ctx: StageContext, rows: np.ndarray) -> Sampler:
 def new_model(ctx: StageContext, modality: str) -> ChipClassifier:
     """A fresh classifier from the `model` section for chips of `modality` ("eo" or "sar")."""
     m = ctx.cfg["model"]
+    geometry = ctx.geometry[modality]
     return create_model(
         m["name"], ctx.num_classes, small_input=bool(m["small_input"]), drop_rate=float(m["drop_rate"]),
-        init_weights=m["init_weights"], input_size=int(ctx.cfg["data"][f"{modality}_size"]),
+        init_weights=m["init_weights"], input_size=geometry.window, window=geometry.window,
+        intensity=str(ctx.cfg["data"]["intensity"]), norm=ctx.packed.norm[modality],
     )
 
 
@@ -230,6 +243,7 @@ def chip_dataset(ctx: StageContext, modality: str, rows: np.ndarray, augment: bo
         images, index[f"{modality}_row"].to_numpy(), index["class_id"].to_numpy(),
         norm=(norm["mean"], norm["std"]),
         augment=build_augmenter(ctx.cfg["augment"]) if augment else None, seed=ctx.seed, modality=modality,
+        window=ctx.geometry[modality].window,
     )
 
 
@@ -241,6 +255,7 @@ def paired_dataset(ctx: StageContext, rows: np.ndarray, augment: bool) -> Paired
         ctx.packed.train_eo, ctx.packed.train_sar, index["eo_row"].to_numpy(), index["sar_row"].to_numpy(),
         index["class_id"].to_numpy(), eo_norm=(eo["mean"], eo["std"]), sar_norm=(sar["mean"], sar["std"]),
         augment=build_augmenter(ctx.cfg["augment"]) if augment else None, seed=ctx.seed,
+        windows=(ctx.geometry["eo"].window, ctx.geometry["sar"].window),
     )
 
 
@@ -261,7 +276,8 @@ def train_batches(ctx: StageContext, rows: np.ndarray, kind: str) -> Iterable[di
         norm = ctx.packed.norm[modality]
         images = ctx.packed.train_eo if modality == "eo" else ctx.packed.train_sar
         key = modality if kind == "paired" else "image"
-        arrays[key] = (images, index[f"{modality}_row"].to_numpy(), (norm["mean"], norm["std"]))
+        arrays[key] = (images, index[f"{modality}_row"].to_numpy(), (norm["mean"], norm["std"]), modality,
+                       ctx.geometry[modality].window)
     augment = AugmentConfig.from_dict(ctx.cfg["augment"])
     return ResidentBatches(arrays, index["class_id"].to_numpy(), sampler, batch_size, ctx.device, augment, ctx.seed)
 

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError("the frozen EO teacher changed during distillation")
     save_stage_artifact(
         ctx, ARTIFACT, result.best_state,
-        model_spec(student, int(ctx.cfg["data"]["sar_size"]), ctx.packed.norm["sar"]),
+        model_spec(student, ctx.geometry["sar"].packed, ctx.packed.norm["sar"]),
         parents=parents, metrics={**result.best_metrics, "best_epoch": result.best_epoch},
         split_sha256=split_sha, modality="sar", distilled=with_teacher,
     )

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     save_stage_artifact(
         ctx, ARTIFACT, result.best_state,
-        model_spec(model, int(ctx.cfg["data"]["eo_size"]), ctx.packed.norm["eo"]),
+        model_spec(model, ctx.geometry["eo"].packed, ctx.packed.norm["eo"]),
         parents={}, metrics={**result.best_metrics, "best_epoch": result.best_epoch},
         split_sha256=split_sha, modality="eo",
     )

@@ -72,17 +72,32 @@ def test_apply_geometry_on_odd_sizes() -> None:
 
 
 def test_photometry_per_modality() -> None:
+    """EO settings act on EO chips only, SAR settings on SAR chips only, in a paired dataset."""
     eo = np.full((2, 16, 16), 128, np.uint8)
     sar = np.full((2, 24, 24), 128, np.uint8)
-    photometry_only = {"eo_brightness_contrast": 0.2, "eo_noise": 0.05, "sar_speckle": 0.2, "sar_gamma": 0.2}
-    dataset = PairedChipDataset(eo, sar, np.arange(2), np.arange(2), np.zeros(2), (0, 1), (0, 1),
-                                augment=build_augmenter(photometry_only))
-    item = dataset[0]
-    eo_out, sar_out = item["eo"][0].numpy(), item["sar"][0].numpy()
-    assert eo_out.std() > 0.01 and sar_out.std() > 0.05  # noise on EO, speckle on SAR
-    assert eo_out.min() >= 0 and sar_out.max() <= 1 and np.isfinite(sar_out).all()
-    plain = PairedChipDataset(eo, sar, np.arange(2), np.arange(2), np.zeros(2), (0, 1), (0, 1))[0]
-    assert float(plain["sar"].std()) == 0.0
+    for only, changed, unchanged in (({"eo_noise": 0.05}, "eo", "sar"), ({"sar_speckle": 0.2}, "sar", "eo")):
+        dataset = PairedChipDataset(eo, sar, np.arange(2), np.arange(2), np.zeros(2), (0, 1), (0, 1),
+                                    augment=build_augmenter(only))
+        item = dataset[0]
+        assert float(item[changed].std()) > 0.01, only
+        assert float(item[unchanged].std()) == 0.0 and np.isclose(float(item[unchanged].mean()), 128 / 255), only
+
+
+def test_window_crop_keeps_scale_and_moves_per_draw() -> None:
+    """A 20-px packed chip gives 14-px training windows cut at random offsets, never resampled."""
+    image = np.arange(400, dtype=np.uint8).reshape(20, 20)
+    dataset = ChipDataset(image[None], np.zeros(1, np.int64), np.zeros(1), (0, 1),
+                          augment=build_augmenter({"sar_gamma": 0.0, "hflip": False}), window=14)
+    offsets = set()
+    for key in range(40):
+        window = np.rint(dataset[key]["image"][0].numpy() * 255).astype(int)
+        assert window.shape == (14, 14)
+        top, left = divmod(int(window[0, 0]), 20)
+        np.testing.assert_array_equal(window, image[top : top + 14, left : left + 14])  # a crop, not a resample
+        offsets.add((top, left))
+    assert len(offsets) > 10 and all(0 <= t <= 6 and 0 <= l <= 6 for t, l in offsets)
+    plain = ChipDataset(image[None], np.zeros(1, np.int64), np.zeros(1), (0, 1), window=14)[0]["image"]
+    assert plain.shape == (1, 20, 20)  # evaluation keeps the packed chip; the model takes its centre
 
 
 def test_missing_eo_gives_zeros() -> None:

@@ -1,8 +1,10 @@
 """Training augmentation: geometry shared by chips of different sizes, photometry per modality.
 
 Geometric parameters (flips, 90-degree turns, shift and zoom as fractions of the chip, a small
-rotation) are sampled once per sample and applied to each chip at its own size, so an EO chip of
-32 px and its SAR partner of 56 px move together. Photometric changes (albumentations) are drawn
+rotation, and the position of the training window inside the packed chip) are sampled once per sample
+and applied to each chip at its own size, so an EO chip of 32 px and its SAR partner of 56 px move
+together. The window crop is the translation augmentation of pipeline.data.geometry: a packed chip
+of side P gives a random window of side W (the model's input); evaluation takes the centre window. Photometric changes (albumentations) are drawn
 independently per modality: brightness/contrast and Gaussian noise on EO, multiplicative speckle and
 a random gamma on SAR. Every draw comes from the numpy Generator the caller passes in.
 """
@@ -74,6 +76,8 @@ class Geometry:
     shift_y: float = 0.0  # fraction of the height
     scale: float = 1.0
     angle: float = 0.0  # degrees, counter-clockwise
+    crop_x: float = 0.5  # window position in [0, 1] along the width (0.5 = centred)
+    crop_y: float = 0.5  # window position in [0, 1] along the height
 
     @property
     def has_affine(self) -> bool:
@@ -82,7 +86,7 @@ class Geometry:
 
 def sample_geometry(config: AugmentConfig, rng: np.random.Generator) -> Geometry:
     """Draw one Geometry; a switched-off transform keeps its identity value."""
-    u = rng.random(7)  # a fixed number of draws whatever is switched on
+    u = rng.random(9)  # a fixed number of draws whatever is switched on
     return Geometry(
         hflip=bool(config.hflip and u[0] < 0.5),
         vflip=bool(config.vflip and u[1] < 0.5),
@@ -91,7 +95,23 @@ def sample_geometry(config: AugmentConfig, rng: np.random.Generator) -> Geometry
         shift_y=float((2 * u[4] - 1) * config.shift),
         scale=float(1 + (2 * u[5] - 1) * config.scale),
         angle=float((2 * u[6] - 1) * config.rotate),
+        crop_x=float(u[7]),
+        crop_y=float(u[8]),
     )
+
+
+def window_offset(side: int, window: int, position: float) -> int:
+    """Top/left offset of a `window` inside `side` pixels at relative `position` in [0, 1]."""
+    return int(round(position * max(side - window, 0)))
+
+
+def crop_window(image: np.ndarray, window: int | None, geometry: Geometry) -> np.ndarray:
+    """The window x window part of `image` at the geometry's crop position (all of it if not larger)."""
+    h, w = image.shape[:2]
+    if window is None or (h <= window and w <= window):
+        return image
+    top, left = window_offset(h, window, geometry.crop_y), window_offset(w, window, geometry.crop_x)
+    return np.ascontiguousarray(image[top : top + window, left : left + window])
 
 
 def apply_geometry(image: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -122,10 +142,15 @@ def _eo_photometry(config: AugmentConfig) -> A.Compose | None:
     return A.Compose(steps) if steps else None
 
 
+def speckle_half_width(config: AugmentConfig) -> float:
+    """Speckle is a multiplier drawn uniformly from [1 - h, 1 + h] with std sar_speckle (both paths)."""
+    return min(config.sar_speckle * math.sqrt(3), 0.99)
+
+
 def _sar_photometry(config: AugmentConfig) -> A.Compose | None:
     steps: list[A.BasicTransform] = []
     if config.sar_speckle:
-        half_width = min(config.sar_speckle * math.sqrt(3), 0.99)  # uniform with this std
+        half_width = speckle_half_width(config)
         steps.append(A.MultiplicativeNoise(multiplier=(1 - half_width, 1 + half_width), elementwise=True, p=1.0))
     if config.sar_gamma:
         g = config.sar_gamma
@@ -143,9 +168,11 @@ class Augmenter:
     def sample_geometry(self, rng: np.random.Generator) -> Geometry:
         return sample_geometry(self.config, rng)
 
-    def __call__(self, chip: np.ndarray, geometry: Geometry, rng: np.random.Generator, modality: str) -> np.ndarray:
-        """Augment one uint8 chip of `modality` ('eo' or 'sar') with `geometry`; float32 in [0, 1]."""
-        image = apply_geometry(chip, geometry).astype(np.float32) * np.float32(1 / 255)
+    def __call__(
+        self, chip: np.ndarray, geometry: Geometry, rng: np.random.Generator, modality: str, window: int | None = None
+    ) -> np.ndarray:
+        """Augment one uint8 chip of `modality` ('eo' or 'sar') with `geometry`, cut to `window`; float32 in [0, 1]."""
+        image = crop_window(apply_geometry(chip, geometry), window, geometry).astype(np.float32) * np.float32(1 / 255)
         photometry = self._photometry[modality]
         if photometry is not None:
             photometry.set_random_state(rng, random.Random(int(rng.integers(2**63))))

@@ -110,8 +110,10 @@ class ChipDataset(_EpochSeeded):
         augment: Augmenter | None = None,
         seed: int = 0,
         modality: str = "sar",
+        window: int | None = None,
     ) -> None:
         super().__init__(labels, augment, seed)
+        self.window = window  # side of the random training window (None: the whole chip)
         if modality not in ("eo", "sar"):
             raise ValueError(f"modality must be 'eo' or 'sar', got {modality!r}")
         self.images = images
@@ -126,7 +128,7 @@ class ChipDataset(_EpochSeeded):
         chip = np.asarray(self.images[self.rows[index]])
         if self.augment is not None:
             rng = self._rng(key)
-            chip = self.augment(chip, self.augment.sample_geometry(rng), rng, self.modality)
+            chip = self.augment(chip, self.augment.sample_geometry(rng), rng, self.modality, self.window)
         return {
             "image": _normalised(chip, self.mean, self.std),
             "label": torch.tensor(self.labels[index]),
@@ -153,16 +155,19 @@ class PairedChipDataset(_EpochSeeded):
         sar_norm: Norm,
         augment: Augmenter | None = None,
         seed: int = 0,
+        windows: tuple[int | None, int | None] = (None, None),
     ) -> None:
         super().__init__(labels, augment, seed)
         self.eo_images, self.sar_images = eo_images, sar_images
+        self.eo_window, self.sar_window = windows  # random training windows (None: whole chips)
         self.eo_rows = _check_rows("EO", eo_rows, eo_images, allow_missing=True)
         self.sar_rows = _check_rows("SAR", sar_rows, sar_images, allow_missing=False)
         if not len(self.eo_rows) == len(self.sar_rows) == len(self.labels):
             raise ValueError(f"{len(self.eo_rows)} EO rows, {len(self.sar_rows)} SAR rows, {len(self.labels)} labels")
         self.eo_mean, self.eo_std = _mean_std(eo_norm)
         self.sar_mean, self.sar_std = _mean_std(sar_norm)
-        self._eo_zeros = torch.zeros((1, *eo_images.shape[1:]), dtype=torch.float32)
+        eo_shape = eo_images.shape[1:] if augment is None or self.eo_window is None else (self.eo_window,) * 2
+        self._eo_zeros = torch.zeros((1, *eo_shape), dtype=torch.float32)
 
     def _load_pair(self, index: int) -> tuple[np.ndarray | None, np.ndarray]:
         """The uint8 (EO or None, SAR) chips of one item."""
@@ -176,9 +181,9 @@ class PairedChipDataset(_EpochSeeded):
         if self.augment is not None:
             rng = self._rng(key)
             geometry = self.augment.sample_geometry(rng)
-            sar = self.augment(sar, geometry, rng, "sar")
+            sar = self.augment(sar, geometry, rng, "sar", self.sar_window)
             if eo is not None:
-                eo = self.augment(eo, geometry, rng, "eo")
+                eo = self.augment(eo, geometry, rng, "eo", self.eo_window)
         return {
             "eo": self._eo_zeros.clone() if eo is None else _normalised(eo, self.eo_mean, self.eo_std),
             "sar": _normalised(sar, self.sar_mean, self.sar_std),

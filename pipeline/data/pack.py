@@ -104,13 +104,40 @@ def resize_chip(image: np.ndarray, size: int, interpolation: str = "area") -> np
     return cv2.resize(image, (size, size), interpolation=INTERPOLATIONS[interpolation])
 
 
-def decode_chip(path: str | Path, size: int, interpolation: str = "area") -> np.ndarray:
-    """read_gray + resize_chip: the exact pixels a pack holds for this file."""
-    return resize_chip(read_gray(path), size, interpolation)
+def crop_or_pad_chip(image: np.ndarray, size: int, border: str = "reflect") -> np.ndarray:
+    """Centre-crop a 2-D chip to size x size, padding a smaller side (reflected, or black) without resampling."""
+    h, w = image.shape
+    top, left = max(h - size, 0) // 2, max(w - size, 0) // 2
+    image = image[top : top + size, left : left + size]
+    h, w = image.shape
+    if (h, w) == (size, size):
+        return image
+    pad_h, pad_w = size - h, size - w
+    pads = (pad_h // 2, pad_h - pad_h // 2, pad_w // 2, pad_w - pad_w // 2)
+    if border == "reflect" and min(h, w) > 1:
+        while image.shape != (size, size):  # a reflection adds at most (side - 1) per step
+            h, w = image.shape
+            step = [min(p, s - 1) for p, s in zip(pads, (h, h, w, w))]
+            image = cv2.copyMakeBorder(image, *step, cv2.BORDER_REFLECT_101)
+            pads = tuple(p - q for p, q in zip(pads, step))
+        return image
+    return cv2.copyMakeBorder(image, *pads, cv2.BORDER_CONSTANT, value=0)
+
+
+def fit_chip(image: np.ndarray, size: int, fit: str = "resize", interpolation: str = "area") -> np.ndarray:
+    """Bring a chip to size x size: resample (`resize`), or centre-crop/pad it (`crop` reflects, `pad` is black)."""
+    if fit == "resize":
+        return resize_chip(image, size, interpolation)
+    return crop_or_pad_chip(image, size, "reflect" if fit == "crop" else "constant")
+
+
+def decode_chip(path: str | Path, size: int, interpolation: str = "area", fit: str = "resize") -> np.ndarray:
+    """read_gray + fit_chip: the exact pixels a pack holds for this file."""
+    return fit_chip(read_gray(path), size, fit, interpolation)
 
 
 def _decode_chunk(
-    paths: list[str], size: int, interpolation: str
+    paths: list[str], size: int, interpolation: str, fit: str = "resize"
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
     """Decode a chunk: (chips, original (h, w) per chip, [(position, reason)] of bad files)."""
     chips = np.zeros((len(paths), size, size), dtype=np.uint8)
@@ -123,7 +150,7 @@ def _decode_chunk(
             bad.append((i, str(err)))
             continue
         shapes[i] = image.shape
-        chips[i] = resize_chip(image, size, interpolation)
+        chips[i] = fit_chip(image, size, fit, interpolation)
     return chips, shapes, bad
 
 
@@ -170,7 +197,7 @@ class _Decoder:
         for start in range(0, n, step):
             yield start, min(n, start + step)
 
-    def decode(self, paths: list[str], size: int, out: Path, label: str) -> _Decoded:
+    def decode(self, paths: list[str], size: int, out: Path, label: str, fit: str = "resize") -> _Decoded:
         chips = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
         shapes = np.full((len(paths), 2), -1, dtype=np.int32)
         bad: dict[int, str] = {}
@@ -193,11 +220,11 @@ class _Decoder:
             if self._pool is None or not parallel:
                 _init_worker()
                 for start, stop in self._chunks(len(paths)):
-                    store(start, _decode_chunk(paths[start:stop], size, self.interpolation))
+                    store(start, _decode_chunk(paths[start:stop], size, self.interpolation, fit))
                     progress.advance(task, stop - start)
             else:
                 futures = {
-                    self._pool.submit(_decode_chunk, paths[start:stop], size, self.interpolation): start
+                    self._pool.submit(_decode_chunk, paths[start:stop], size, self.interpolation, fit): start
                     for start, stop in self._chunks(len(paths))
                 }
                 for future in as_completed(futures):
@@ -388,15 +415,16 @@ def _write_meta(tmp: Path, meta: dict[str, Any], bad: list[tuple[str, str]]) -> 
 
 
 def _build_train(
-    tmp: Path, layout: DatasetLayout, decoder: _Decoder, eo_size: int, sar_size: int, meta: dict[str, Any]
+    tmp: Path, layout: DatasetLayout, decoder: _Decoder, eo_size: int, sar_size: int, meta: dict[str, Any],
+    eo_fit: str = "resize", sar_fit: str = "resize",
 ) -> None:
     items: list[TrainItem] = layout.train
     eo_items = [i for i, item in enumerate(items) if item.eo_path is not None]
     sar_items = [i for i, item in enumerate(items) if item.sar_path is not None]
     eo_paths = [str(items[i].eo_path) for i in eo_items]
     sar_paths = [str(items[i].sar_path) for i in sar_items]
-    eo = decoder.decode(eo_paths, eo_size, tmp / "eo.npy", "EO train")
-    sar = decoder.decode(sar_paths, sar_size, tmp / "sar.npy", "SAR train")
+    eo = decoder.decode(eo_paths, eo_size, tmp / "eo.npy", "EO train", eo_fit)
+    sar = decoder.decode(sar_paths, sar_size, tmp / "sar.npy", "SAR train", sar_fit)
     eo_rows = np.full(len(items), -1, dtype=np.int64)
     sar_rows = np.full(len(items), -1, dtype=np.int64)
     eo_hw = np.full((len(items), 2), -1, dtype=np.int64)
@@ -429,10 +457,12 @@ def _build_train(
     _write_meta(tmp, meta, bad)
 
 
-def _build_test(tmp: Path, layout: DatasetLayout, decoder: _Decoder, sar_size: int, meta: dict[str, Any]) -> None:
+def _build_test(
+    tmp: Path, layout: DatasetLayout, decoder: _Decoder, sar_size: int, meta: dict[str, Any], sar_fit: str = "resize"
+) -> None:
     items: list[TestItem] = layout.test
     paths = [str(item.path) for item in items]
-    sar = decoder.decode(paths, sar_size, tmp / "sar.npy", "SAR test")
+    sar = decoder.decode(paths, sar_size, tmp / "sar.npy", "SAR test", sar_fit)
     rows = _row_numbers(len(paths), sar.bad)
     _compact(tmp, "sar.npy", sar)
     index = pd.DataFrame(
@@ -504,10 +534,13 @@ def _check_bad(pack: Path, skip_bad: bool) -> None:
 # ----------------------------------------------------------------------------- entry point
 
 
-def _check_settings(eo_size: int, sar_size: int, interpolation: str) -> str:
+def _check_settings(eo_size: int, sar_size: int, interpolation: str, fits: tuple[str, str] = ("resize", "resize")) -> str:
     for key, value in (("eo_size", eo_size), ("sar_size", sar_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise UserError(f"data.{key} must be a positive integer, got {value!r}")
+    for key, value in zip(("eo_fit", "sar_fit"), fits):
+        if value not in ("resize", "crop", "pad"):
+            raise UserError(f"data.{key} '{value}' is unknown: expected one of resize, crop, pad")
     if interpolation not in INTERPOLATIONS:
         raise UserError(
             f"data.interpolation '{interpolation}' is unknown: expected one of area, bilinear, nearest, bicubic"
@@ -524,13 +557,21 @@ def pack_dataset(
     skip_bad: bool = False,
     workers: int | None = None,
     console: Console | None = None,
+    eo_fit: str = "resize",
+    sar_fit: str = "resize",
 ) -> PackedData:
-    """Decode the layout's chips once (or reuse the cached pack) and return read-only memmaps + index."""
+    """Decode the layout's chips once (or reuse the cached pack) and return read-only memmaps + index.
+
+    Chips are brought to eo_size / sar_size by `fit` (resize | crop | pad, see fit_chip)."""
     console = console or Console(stderr=True)
-    interpolation = _check_settings(eo_size, sar_size, interpolation)
+    interpolation = _check_settings(eo_size, sar_size, interpolation, (eo_fit, sar_fit))
     search_roots, build_root = _pack_roots(layout, cache_dir, console)
     test_settings = {"version": PACK_VERSION, "sar_size": int(sar_size), "interpolation": interpolation}
+    if sar_fit != "resize":  # resize packs keep their old fingerprints
+        test_settings["sar_fit"] = sar_fit
     train_settings = {**test_settings, "eo_size": int(eo_size)}
+    if eo_fit != "resize":
+        train_settings["eo_fit"] = eo_fit
     train_fp = train_fingerprint(layout, train_settings)
     test_fp = test_fingerprint(layout, test_settings)
     train_name, test_name = f"train-{train_fp[:20]}", f"test-{test_fp[:20]}"
@@ -541,7 +582,7 @@ def pack_dataset(
 
             def build_train(tmp: Path) -> None:
                 meta = {"part": "train", "fingerprint": train_fp, "settings": train_settings}
-                _build_train(tmp, layout, decoder, eo_size, sar_size, meta)
+                _build_train(tmp, layout, decoder, eo_size, sar_size, meta, eo_fit, sar_fit)
 
             train_pack = _build_atomically(build_root, train_name, build_train)
         _check_bad(train_pack, skip_bad)
@@ -551,7 +592,7 @@ def pack_dataset(
 
             def build_test(tmp: Path) -> None:
                 meta = {"part": "test", "fingerprint": test_fp, "settings": test_settings}
-                _build_test(tmp, layout, decoder, sar_size, meta)
+                _build_test(tmp, layout, decoder, sar_size, meta, sar_fit)
 
             test_pack = _build_atomically(build_root, test_name, build_test)
         _check_bad(test_pack, skip_bad)

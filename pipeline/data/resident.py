@@ -7,8 +7,10 @@ It works on the CPU too (same code, tensors in RAM), which is how the tests run 
 
 The augmentation follows the `augment` section like pipeline.data.augment, but batched: one affine
 matrix per sample (flips, quarter turns, shift, zoom, small rotation) applied with grid_sample in
-normalised coordinates, so an EO chip and its SAR partner of another size move together; photometry
-per modality (EO brightness/contrast and Gaussian noise, SAR multiplicative speckle and gamma).
+normalised coordinates, so an EO chip and its SAR partner of another size move together, then the random
+training window (same relative position for both chips of a pair); photometry per modality (EO
+brightness/contrast and Gaussian noise, SAR uniform multiplicative speckle and gamma), drawn from the
+same distributions as the loader path (tests/test_resident.py checks the moments).
 Random draws come from a torch.Generator seeded by (seed, epoch, batch), so a run is reproducible.
 """
 
@@ -22,9 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.data.augment import AugmentConfig
+from pipeline.data.augment import AugmentConfig, speckle_half_width
 
 Norm = tuple[float, float]
+# A batch key's chips: (packed uint8 array, rows of the items in it, (mean, std), modality, window side).
+ResidentArray = tuple[np.ndarray, np.ndarray, Norm, str, "int | None"]
 
 
 def _generator(device: torch.device, seed: int, epoch: int, batch: int) -> torch.Generator:
@@ -39,7 +43,7 @@ def _uniform(n: int, low: float, high: float, gen: torch.Generator, device: torc
 
 def affine_matrices(cfg: AugmentConfig, n: int, gen: torch.Generator, device: torch.device) -> Tensor:
     """(n, 2, 3) matrices for F.affine_grid mapping output to input coordinates in [-1, 1]."""
-    u = torch.rand(n, 7, generator=gen, device=device)
+    u = torch.rand(n, 7, generator=gen, device=device)  # crop positions are drawn apart (crop_positions)
     sx = torch.where((u[:, 0] < 0.5) & cfg.hflip, -1.0, 1.0)
     sy = torch.where((u[:, 1] < 0.5) & cfg.vflip, -1.0, 1.0)
     turns = (u[:, 2] * 4).floor() if cfg.rot90 else torch.zeros(n, device=device)
@@ -60,6 +64,24 @@ def warp(images: Tensor, theta: Tensor) -> Tensor:
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def crop_positions(n: int, gen: torch.Generator, device: torch.device) -> Tensor:
+    """(n, 2) window positions (x, y) in [0, 1], shared by the chips of one sample."""
+    return torch.rand(n, 2, generator=gen, device=device)
+
+
+def crop_windows(images: Tensor, window: int | None, positions: Tensor) -> Tensor:
+    """Per-sample window x window crops of (n, 1, H, W) images at relative `positions` (see augment.crop_window)."""
+    n, _, h, w = images.shape
+    if window is None or (h <= window and w <= window):
+        return images
+    steps = torch.arange(window, device=images.device)
+    top = (positions[:, 1] * max(h - window, 0)).round().long()
+    left = (positions[:, 0] * max(w - window, 0)).round().long()
+    rows = (top[:, None] + steps)[:, :, None]
+    cols = (left[:, None] + steps)[:, None, :]
+    return images[torch.arange(n, device=images.device)[:, None, None], 0, rows, cols].unsqueeze(1)
+
+
 def photometry(images: Tensor, modality: str, cfg: AugmentConfig, gen: torch.Generator) -> Tensor:
     """Per-modality photometric noise on [0, 1] images, clamped back to [0, 1]."""
     n, device = images.shape[0], images.device
@@ -75,7 +97,8 @@ def photometry(images: Tensor, modality: str, cfg: AugmentConfig, gen: torch.Gen
             images = images + sigma * torch.randn(images.shape, generator=gen, device=device)
     else:
         if cfg.sar_speckle:
-            images = images * (1 + cfg.sar_speckle * torch.randn(images.shape, generator=gen, device=device))
+            half = speckle_half_width(cfg)
+            images = images * (1 + half * (2 * torch.rand(images.shape, generator=gen, device=device) - 1))
         if cfg.sar_gamma:
             gamma = _uniform(n, 1 - cfg.sar_gamma, 1 + cfg.sar_gamma, gen, device).view(shape)
             images = images.clamp(0, 1) ** gamma
@@ -85,14 +108,15 @@ def photometry(images: Tensor, modality: str, cfg: AugmentConfig, gen: torch.Gen
 class ResidentBatches:
     """An iterable of training batches like a DataLoader's, from chips held on `device`.
 
-    `arrays` maps a batch key ("image", or "eo" and "sar" for pairs) to (packed uint8 array, rows of
-    the items in it, (mean, std)); rows of -1 mean "no chip" (an EO-less pair: zeros, has_eo False).
+    `arrays` maps a batch key ("image", or "eo" and "sar" for pairs) to a ResidentArray (packed uint8
+    array, rows of the items in it, (mean, std), modality "eo"/"sar", training window side or None);
+    rows of -1 mean "no chip" (an EO-less pair: zeros, has_eo False).
     `sampler` yields draw keys (item = key % n_items), as the samplers in pipeline.data.samplers do.
     """
 
     def __init__(
         self,
-        arrays: dict[str, tuple[np.ndarray, np.ndarray, Norm]],
+        arrays: dict[str, ResidentArray],
         labels: np.ndarray,
         sampler: torch.utils.data.Sampler,
         batch_size: int,
@@ -108,7 +132,12 @@ class ResidentBatches:
         self.chips: dict[str, Tensor] = {}
         self.rows: dict[str, Tensor] = {}
         self.norm: dict[str, Norm] = {}
-        for key, (images, rows, norm) in arrays.items():
+        self.modality: dict[str, str] = {}
+        self.window: dict[str, int | None] = {}
+        for key, (images, rows, norm, modality, window) in arrays.items():
+            if modality not in ("eo", "sar"):
+                raise ValueError(f"modality must be 'eo' or 'sar', got {modality!r}")
+            self.modality[key], self.window[key] = modality, window
             rows = np.asarray(rows, dtype=np.int64)
             used = np.unique(rows[rows >= 0])
             # Only the chips these items use travel to the device; rows are renumbered into them.
@@ -142,14 +171,16 @@ class ResidentBatches:
             items = batch_keys % n_items
             gen = _generator(self.device, self.seed, self.epoch, b)
             theta = affine_matrices(self.augment, len(items), gen, self.device) if self.augment else None
+            positions = crop_positions(len(items), gen, self.device) if self.augment else None
             batch: dict[str, Tensor] = {"label": self.labels[items], "index": items}
             for key in self.chips:
                 chips, present = self._chips(key, items)
                 if self.augment is not None:
-                    chips = photometry(warp(chips, theta), "eo" if key == "eo" else "sar", self.augment, gen)
+                    chips = crop_windows(warp(chips, theta), self.window[key], positions)
+                    chips = photometry(chips, self.modality[key], self.augment, gen)
                 mean, std = self.norm[key]
                 chips = (chips - mean) / std
-                if key == "eo":
+                if key == "eo":  # a pair's EO chip (single-modality batches use "image")
                     chips = chips * present.view(-1, 1, 1, 1)
                     batch["has_eo"] = present
                 batch[key] = chips
