@@ -44,9 +44,18 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: 
     return {
         "accuracy": float(tp.sum() / y_true.size),
         "balanced_accuracy": float(np.nanmean(recall[present])),
+        "balanced_accuracy_se": balanced_accuracy_se(recall[present], support[present]),
         "macro_f1": float(f1[present].mean()),
         "per_class_recall": [None if np.isnan(r) else float(r) for r in recall],
     }
+
+
+def balanced_accuracy_se(recall: np.ndarray, support: np.ndarray) -> float:
+    """Standard error of the balanced accuracy: sqrt(sum_c r_c (1 - r_c) / n_c) / C (binomial per class)."""
+    recall, support = np.asarray(recall, dtype=np.float64), np.asarray(support, dtype=np.float64)
+    if recall.size == 0:
+        return float("nan")
+    return float(np.sqrt(np.sum(recall * (1 - recall) / np.maximum(support, 1))) / recall.size)
 
 
 def auroc(is_in_distribution: np.ndarray, score: np.ndarray) -> float:

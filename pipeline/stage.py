@@ -171,7 +171,8 @@ def split_rows(ctx: StageContext) -> tuple[np.ndarray, np.ndarray]:
     """Positions in `train_index` of the stratified train / validation split, the same for every stage."""
     if "split" not in ctx.extra:
         labels = ctx.packed.train_index["class_id"].to_numpy()
-        ctx.extra["split"] = stratified_split(labels, float(ctx.cfg["data"]["val_fraction"]), ctx.seed)
+        data = ctx.cfg["data"]
+        ctx.extra["split"] = stratified_split(labels, float(data["val_fraction"]), ctx.seed, data["val_min_per_class"])
     return ctx.extra["split"]
 
 

@@ -286,6 +286,12 @@ def _validate(
     return metrics
 
 
+def is_better_epoch(metrics: dict[str, Any], best: dict[str, Any], tie: float = 1e-9) -> bool:
+    """Higher validation balanced accuracy wins; a tie (common on small splits) goes to the lower validation NLL."""
+    gain = metrics["balanced_accuracy"] - best["balanced_accuracy"]
+    return gain > tie or (abs(gain) <= tie and metrics["loss"] < best["loss"])
+
+
 def _epoch_row(
     epoch: int, train: dict[str, float], metrics: dict[str, Any], lr: float, images_per_s: float, seconds: float
 ) -> dict[str, Any]:
@@ -297,6 +303,7 @@ def _epoch_row(
             "val_loss": metrics["loss"],
             "val_accuracy": metrics["accuracy"],
             "val_balanced_accuracy": metrics["balanced_accuracy"],
+            "val_balanced_accuracy_se": metrics["balanced_accuracy_se"],
             "val_macro_f1": metrics["macro_f1"],
         }
     )
@@ -316,7 +323,7 @@ def _summary_table(history: list[dict[str, Any]], best_epoch: int) -> Table:
             f"{row['epoch']}{mark}",
             *[f"{row.get(k, float('nan')):.4f}" for k in part_keys],
             f"{row['val_accuracy']:.4f}",
-            f"{row['val_balanced_accuracy']:.4f}",
+            f"{row['val_balanced_accuracy']:.4f} ± {row['val_balanced_accuracy_se']:.4f}",
             f"{row['val_macro_f1']:.4f}",
             f"{row['lr']:.2e}",
             f"{row['images_per_s']:.0f}",
@@ -502,7 +509,7 @@ class _Trainer:
         parts = "  ".join(f"{k[6:]} {v:.4f}" for k, v in row.items() if k.startswith("train_"))
         self.console.print(
             f"epoch {row['epoch']:>3}/{self.cfg['epochs']}  {parts}  val acc {row['val_accuracy']:.4f}  "
-            f"bal acc {row['val_balanced_accuracy']:.4f}  macro-F1 {row['val_macro_f1']:.4f}  "
+            f"bal acc {row['val_balanced_accuracy']:.4f} ± {row['val_balanced_accuracy_se']:.4f}  macro-F1 {row['val_macro_f1']:.4f}  "
             f"lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s  {row['epoch_seconds']:.1f} s"
             + ("  [bold green]best[/]" if is_best else ""),
             highlight=False,
@@ -516,7 +523,7 @@ class _Trainer:
             self.epoch += 1
             row = _epoch_row(self.epoch, train_stats, metrics, lr, images_per_s, time.perf_counter() - start)
             self.history.append(row)
-            is_best = self.best_state is None or metrics["balanced_accuracy"] > self.best_metrics["balanced_accuracy"]
+            is_best = self.best_state is None or is_better_epoch(metrics, self.best_metrics)
             if is_best:
                 self.best_state, self.best_epoch = state, self.epoch
                 self.best_metrics = {"epoch": self.epoch, **metrics}

@@ -193,10 +193,18 @@ class PairedChipDataset(_EpochSeeded):
         }
 
 
-def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train indices, val indices): about val_fraction of each class, >= 1 of every class with >= 2 items."""
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, seed: int, min_per_class: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, val indices): about val_fraction of each class, >= 1 of every class with >= 2 items.
+
+    `min_per_class` raises a rare class's share to that many validation chips, but never above a third
+    of the class, so the tail keeps most of its chips for training while its recall is measured on more
+    than a handful (6 chips measure recall in steps of 0.17)."""
     if not 0 <= val_fraction < 1:
         raise UserError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+    if isinstance(min_per_class, bool) or not isinstance(min_per_class, (int, np.integer)) or min_per_class < 0:
+        raise UserError(f"data.val_min_per_class must be an integer >= 0, got {min_per_class!r}")
     labels = np.asarray(labels, dtype=np.int64)
     rng = np.random.default_rng(seed)
     val_parts = []
@@ -204,7 +212,8 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
         members = np.flatnonzero(labels == class_id)
         if val_fraction == 0 or len(members) < 2:
             continue
-        n_val = min(max(1, int(round(len(members) * val_fraction))), len(members) - 1)
+        n_val = max(1, int(round(len(members) * val_fraction)), min(int(min_per_class), len(members) // 3))
+        n_val = min(n_val, len(members) - 1)
         val_parts.append(rng.permutation(members)[:n_val])
     val = np.sort(np.concatenate(val_parts)) if val_parts else np.zeros(0, dtype=np.int64)
     train = np.setdiff1d(np.arange(len(labels)), val)
