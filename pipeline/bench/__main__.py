@@ -1,11 +1,11 @@
-"""`python -m pipeline.bench data|train|infer|kmeans [flags]`: run one benchmark."""
+"""`python -m pipeline.bench data|train|infer|kmeans|models [flags]`: run one benchmark."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-BENCHMARKS = ("data", "train", "infer", "kmeans")
+BENCHMARKS = ("data", "train", "infer", "kmeans", "models")
 
 
 def main() -> None:

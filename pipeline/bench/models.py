@@ -1,0 +1,140 @@
+"""Benchmark: model and recipe candidates, each trained end to end by run_all, over seeds.
+
+Every candidate is a named list of `--set` overrides on a profile. Each (candidate, seed) runs the four
+stages into its own temporary weights and submissions folders (the pack cache is shared), then the
+table gives per candidate: validation balanced accuracy of the final SAR model (mean ± standard error
+over seeds; this is what a default is chosen on), test accuracy and AUROC (reported after the choice,
+when the test split is labelled), and the wall time of the stages. Rows go to a CSV as they finish.
+
+    python -m pipeline.bench models --data ../shared/data/mstar_soc --cache-dir .cache/packs --seeds 2
+    python -m pipeline.bench models --candidates aconvnet,resnet18-resize --seeds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+# Candidates as overrides on the chosen profile; the profile's own recipe is "profile".
+CANDIDATES: dict[str, list[str]] = {
+    "profile": [],
+    # The landed recipe before chip geometry: every chip resized to 56 px, ResNet-18 ImageNet stem.
+    "resnet18-resize": [
+        "model.name=resnet18", "data.sar_size=56", "data.sar_fit=resize", "data.sar_margin=0",
+        "data.eo_size=32", "data.eo_fit=resize", "data.eo_margin=0", "data.intensity=none",
+    ],
+    "resnet18-crop": ["model.name=resnet18"],
+    "aconvnet": ["model.name=aconvnet"],
+    "aconvnet_wide": ["model.name=aconvnet_wide"],
+    "aconvnet-intensity-none": ["model.name=aconvnet", "data.intensity=none"],
+    "aconvnet-intensity-log": ["model.name=aconvnet", "data.intensity=log"],
+    "aconvnet-window-1.0": ["model.name=aconvnet", "data.sar_auto_fraction=1.0"],
+}
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _manifest_metric(weights: Path, artifact: str, key: str) -> float:
+    path = weights / f"{artifact}.json"
+    if not path.is_file():
+        return float("nan")
+    value = json.loads(path.read_text()).get("metrics", {}).get(key)
+    return float(value) if isinstance(value, (int, float)) else float("nan")
+
+
+def run_candidate(name: str, overrides: list[str], seed: int, args: argparse.Namespace, console: Console) -> dict:
+    """Train and infer one candidate with one seed in temporary folders; its figures."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
+        weights, submissions = Path(tmp) / "weights", Path(tmp) / "submissions"
+        cmd = [sys.executable, "-m", "pipeline.run_all", "--data", str(args.data), "--profile", args.profile,
+               "--weights", str(weights), "--submissions", str(submissions), "--seed", str(seed), "--force"]
+        for flag, value in (("--cache-dir", args.cache_dir), ("--holdout-classes", args.holdout_classes),
+                            ("--train-dir", args.train_dir), ("--test-dir", args.test_dir)):
+            if value:
+                cmd += [flag, str(value)]
+        for item in [*overrides, *args.set]:
+            cmd += ["--set", item]
+        start = time.perf_counter()
+        log = Path(tmp) / "log.txt"
+        with log.open("w") as out:
+            rc = subprocess.call(cmd, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
+        seconds = time.perf_counter() - start
+        if rc != 0:
+            console.print(f"[red]{name} seed {seed} failed (exit {rc}):[/]\n" + "\n".join(log.read_text().splitlines()[-15:]))
+        row = {"candidate": name, "seed": seed, "seconds": round(seconds, 1), "exit": rc,
+               "val_balanced_accuracy": _manifest_metric(weights, "sar_final", "balanced_accuracy"),
+               "val_balanced_accuracy_se": _manifest_metric(weights, "sar_final", "balanced_accuracy_se"),
+               "student_val_balanced_accuracy": _manifest_metric(weights, "sar_student", "balanced_accuracy")}
+        scores = sorted(submissions.glob("*/score.json"))
+        score = json.loads(scores[-1].read_text()) if scores else {}
+        for key in ("accuracy", "balanced_accuracy", "auroc", "competition_score"):
+            value = score.get(key)
+            row[f"test_{key}"] = float(value) if isinstance(value, (int, float)) else float("nan")
+        return row
+
+
+def _mean_se(values: list[float]) -> str:
+    values = [v for v in values if np.isfinite(v)]
+    if not values:
+        return "-"
+    se = np.std(values, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return f"{np.mean(values):.4f} ± {se:.4f}" if np.isfinite(se) else f"{np.mean(values):.4f}"
+
+
+def summary_table(rows: list[dict], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("candidate", "seeds", "val bal acc (choice)", "test acc", "test AUROC", "stage time (s)"):
+        table.add_column(column, justify="left" if column == "candidate" else "right")
+    for name in dict.fromkeys(r["candidate"] for r in rows):
+        mine = [r for r in rows if r["candidate"] == name]
+        table.add_row(name, str(len(mine)), _mean_se([r["val_balanced_accuracy"] for r in mine]),
+                      _mean_se([r["test_accuracy"] for r in mine]), _mean_se([r["test_auroc"] for r in mine]),
+                      f"{np.mean([r['seconds'] for r in mine]):.0f}")
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO_ROOT / "data" / "synthetic")
+    parser.add_argument("--profile", default="quick")
+    parser.add_argument("--candidates", default="profile,resnet18-resize,resnet18-crop,aconvnet,aconvnet_wide",
+                        help=f"comma-separated, from: {', '.join(CANDIDATES)}")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--holdout-classes", default=None)
+    parser.add_argument("--train-dir", default=None)
+    parser.add_argument("--test-dir", default=None)
+    parser.add_argument("--set", action="append", default=[], help="override applied to every candidate")
+    parser.add_argument("--out", type=Path, default=Path("bench-models.csv"), help="CSV of every (candidate, seed) run")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.candidates.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        parser.error(f"unknown candidate(s) {', '.join(unknown)}; choose from {', '.join(CANDIDATES)}")
+    console = Console()
+    rows: list[dict] = []
+    for seed in range(args.seeds):
+        for name in names:
+            row = run_candidate(name, CANDIDATES[name], seed, args, console)
+            rows.append(row)
+            console.print(f"{name} seed {seed}: val bal acc {row['val_balanced_accuracy']:.4f}  "
+                          f"test acc {row['test_accuracy']:.4f}  AUROC {row['test_auroc']:.4f}  {row['seconds']:.0f} s")
+            with args.out.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+    console.print(summary_table(rows, f"model candidates on {args.data} ({args.profile} profile, {args.seeds} seeds)"))
+    console.print(f"rows: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
