@@ -250,11 +250,13 @@ def test_generic_unknown_test_class(tmp_path: Path) -> None:
 def test_bad_truth_file(tmp_path: Path) -> None:
     make_paired(tmp_path, test_ids=[1])
     (tmp_path / "test_truth.csv").write_text("image_id,class_id\n1,12\n")
-    assert "class_id 12" in _error(tmp_path)
+    assert "class_id not an integer in -1..9 in data row(s) 1" in _error(tmp_path)
     (tmp_path / "test_truth.csv").write_text("id,label\n1,0\n")
     assert "header image_id,class_id" in _error(tmp_path)
-    (tmp_path / "test_truth.csv").write_text("image_id,class_id\n1,sedan\n")
-    assert "expected integer" in _error(tmp_path)
+    (tmp_path / "test_truth.csv").write_text("image_id,class_id\n1,sedan\n2,0\n-3,1\n")
+    message = _error(tmp_path)
+    assert "class_id not an integer in -1..9 in data row(s) 1" in message
+    assert "image_id not a non-negative integer in data row(s) 3" in message
 
 
 def test_mstar_is_a_generic_layout(mstar_root: Path) -> None:
@@ -265,3 +267,83 @@ def test_mstar_is_a_generic_layout(mstar_root: Path) -> None:
     assert np.all(layout.class_counts() > 200)
     assert sorted(t.image_id for t in layout.test) == list(range(2425))
     assert OFFICIAL_NAMES[0] not in layout.classes.names
+
+
+# ----------------------------------------------------------------------------- test ids: <prefix><digits>.<ext>
+
+
+def test_test_names_of_every_edition(tmp_path: Path) -> None:
+    make_paired(tmp_path, test_ids=[])
+    for name in ("SAR_12.png", "EO_13.png", "Gotcha14.png", "15.png", "chip-0016.tif"):
+        write_image(tmp_path / "SAR_Test" / name, chip(len(name), 8))
+    layout = discover_layout(tmp_path)
+    assert [(t.image_id, t.path.name) for t in layout.test] == [
+        (12, "SAR_12.png"), (13, "EO_13.png"), (14, "Gotcha14.png"), (15, "15.png"), (16, "chip-0016.tif")
+    ]
+
+
+@pytest.mark.parametrize("name", ["chip_a.png", "SAR_1_2.png", "2022_SAR_5.png", "v2chip7.png"])
+def test_test_names_without_exactly_one_number(tmp_path: Path, name: str) -> None:
+    make_paired(tmp_path, test_ids=[1])
+    write_image(tmp_path / "SAR_Test" / name, chip(0, 8))
+    message = _error(tmp_path)
+    assert name in message and "<prefix><digits>" in message
+
+
+def test_duplicate_ids_across_prefixes(tmp_path: Path) -> None:
+    make_paired(tmp_path, test_ids=[12])
+    write_image(tmp_path / "SAR_Test" / "SAR_0012.png", chip(0, 8))
+    message = _error(tmp_path)
+    assert "duplicate test image id 12" in message and "SAR_0012.png" in message and "Gotcha12.png" in message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "image_id,class_id\n-5,0\n",  # a negative id
+        "image_id,class_id\n1.0,0\n",  # an integer written as a float
+        "image_id,class_id\n1,12\n",
+        "image_id,class_id\n1,sedan\n",
+        "id,label\n1,0\n",
+        "image_id,class_id\n1,0\n1,0\n",
+        "",
+    ],
+)
+def test_truth_file_is_read_as_the_scorer_reads_it(tmp_path: Path, text: str) -> None:
+    """One reader for test_truth.csv: discovery accepts and refuses exactly what scoring does."""
+    from pipeline.submission import read_truth
+
+    make_paired(tmp_path, test_ids=[1])
+    truth = tmp_path / "test_truth.csv"
+    truth.write_text(text)
+    try:
+        expected = read_truth(truth)
+    except UserError as err:
+        assert _error(tmp_path) == str(err)
+    else:
+        layout = discover_layout(tmp_path)
+        known = dict(zip(expected["image_id"], expected["class_id"]))
+        assert [t.class_id for t in layout.test] == [known.get(t.image_id) for t in layout.test]
+
+
+MAVOC2022 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mavoc2022_sample"
+
+
+def test_real_2022_test_chips(tmp_path: Path) -> None:
+    """The 2022 edition's SAR test chips (SAR_<id>.png) discover and pack as a flat test folder."""
+    if not (MAVOC2022 / "SAR").is_dir():
+        pytest.skip("../shared/data/mavoc2022_sample is absent")
+    import io
+
+    from rich.console import Console
+
+    from pipeline.data.pack import pack_dataset
+
+    root = make_paired(tmp_path / "data", test_ids=[])
+    layout = discover_layout(root, test_dir=str(MAVOC2022 / "SAR"))
+    ids = [t.image_id for t in layout.test]
+    assert len(ids) == len(set(ids)) == 413 and all(t.class_id is None for t in layout.test)
+    assert all(t.path.name == f"SAR_{t.image_id}.png" for t in layout.test)
+    packed = pack_dataset(layout, 8, 56, cache_dir=tmp_path / "cache", console=Console(file=io.StringIO()))
+    assert packed.test_sar.shape == (413, 56, 56) and sorted(packed.test_index["image_id"]) == sorted(ids)
+    assert (packed.test_index["class_id"] == -2).all()

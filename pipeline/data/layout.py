@@ -7,27 +7,24 @@
   flat `<test_dir>/`; class ids are the sorted folder names.
 
 Official/NJUST class folders are named by official class name or id. EO and SAR chips pair by identical
-file name inside the same class.
+file name inside the same class. Flat test folders name their files `<prefix><digits>.<ext>`.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.classes import OFFICIAL_NAMES, OOD_LABEL, ClassTable, official_class_id
+from pipeline.data.testset import TRUTH_FILE, image_id_from_name, read_truth
 from pipeline.errors import UserError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 TEST_DIR_NAMES = ("SAR_Test", "test", "Test", "SAR_VAL")
-TRUTH_FILE = "test_truth.csv"
-_GOTCHA_NAME = re.compile(r"^gotcha(\d+)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,18 +164,6 @@ def _paired_items(class_id: int, eo_dir: Path | None, sar_dir: Path | None) -> l
 # ----------------------------------------------------------------------------- test folders
 
 
-def _test_image_id(folder: Path, file_name: str) -> int:
-    stem = os.path.splitext(file_name)[0]
-    match = _GOTCHA_NAME.match(stem)
-    if match:
-        return int(match.group(1))
-    if stem.isdigit():
-        return int(stem)
-    raise UserError(
-        f"test image {folder / file_name} has no numeric id: expected Gotcha<digits>.png or <digits>.png"
-    )
-
-
 def _flat_test_items(folder: Path) -> list[TestItem]:
     """Unlabelled test items of a flat folder; image ids from the file names."""
     dirs, images = _scan(folder)
@@ -189,7 +174,7 @@ def _flat_test_items(folder: Path) -> list[TestItem]:
     seen: dict[int, str] = {}
     items = []
     for name in images:
-        image_id = _test_image_id(folder, name)
+        image_id = image_id_from_name(folder / name)
         if image_id in seen:
             raise UserError(
                 f"duplicate test image id {image_id} in {folder}: files {seen[image_id]} and {name}"
@@ -197,33 +182,6 @@ def _flat_test_items(folder: Path) -> list[TestItem]:
         seen[image_id] = name
         items.append(TestItem(image_id=image_id, path=folder / name, class_id=None))
     return sorted(items, key=lambda item: item.image_id)
-
-
-def _read_truth(path: Path, num_classes: int) -> dict[int, int]:
-    """image_id -> class_id from a truth CSV (class -1 = OOD)."""
-    try:
-        with open(path, newline="") as fh:
-            reader = csv.DictReader(fh)
-            fields = [f.strip() for f in reader.fieldnames or []]
-            if "image_id" not in fields or "class_id" not in fields:
-                raise UserError(f"truth file {path} must have the header image_id,class_id")
-            truth: dict[int, int] = {}
-            for line_no, row in enumerate(reader, start=2):
-                row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
-                try:
-                    image_id, class_id = int(row["image_id"]), int(row["class_id"])
-                except ValueError:
-                    raise UserError(f"truth file {path} line {line_no}: expected integer image_id,class_id") from None
-                if not (class_id == OOD_LABEL or 0 <= class_id < num_classes):
-                    raise UserError(
-                        f"truth file {path} line {line_no}: class_id {class_id} is not -1 (OOD) or 0-{num_classes - 1}"
-                    )
-                if image_id in truth:
-                    raise UserError(f"truth file {path} line {line_no}: image_id {image_id} appears twice")
-                truth[image_id] = class_id
-    except OSError as err:
-        raise UserError(f"cannot read truth file {path}: {err.strerror}") from None
-    return truth
 
 
 def _labelled(items: list[TestItem], truth: dict[int, int]) -> list[TestItem]:
@@ -251,7 +209,8 @@ def _paired_layout(root: Path, kind: str, eo_dir: Path | None, sar_dir: Path, te
         test = _flat_test_items(test_folder)
         if (test_folder.parent / TRUTH_FILE).is_file():
             truth_path = test_folder.parent / TRUTH_FILE
-            test = _labelled(test, _read_truth(truth_path, classes.num_classes))
+            truth = read_truth(truth_path, classes.num_classes)
+            test = _labelled(test, dict(zip(truth["image_id"].tolist(), truth["class_id"].tolist())))
     return DatasetLayout(
         root=root,
         kind=kind,
