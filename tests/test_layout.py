@@ -269,6 +269,19 @@ def test_mstar_is_a_generic_layout(mstar_root: Path) -> None:
     assert OFFICIAL_NAMES[0] not in layout.classes.names
 
 
+# ----------------------------------------------------------------------------- official layout with a missing counterpart
+
+
+@pytest.mark.parametrize(("kind", "present", "missing"), [("official", "EO_Train", "SAR_Train"), ("njust", "EO", "SAR")])
+def test_eo_folder_without_sar_counterpart_stops(tmp_path: Path, kind: str, present: str, missing: str) -> None:
+    make_paired(tmp_path, kind=kind, classes={"sedan": 2, "SUV": 1})
+    import shutil
+
+    shutil.rmtree(tmp_path / missing)
+    message = _error(tmp_path)
+    assert f"{missing}/" in message and f"{present}/" in message and str(tmp_path) in message
+
+
 # ----------------------------------------------------------------------------- test ids: <prefix><digits>.<ext>
 
 

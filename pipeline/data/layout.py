@@ -6,8 +6,9 @@
 - generic (SAR only): `<train_dir>/<class>/` with an optional `<test_dir>/<class>/` (labelled) or a
   flat `<test_dir>/`; class ids are the sorted folder names.
 
-Official/NJUST class folders are named by official class name or id. EO and SAR chips pair by identical
-file name inside the same class. Flat test folders name their files `<prefix><digits>.<ext>`.
+A root with `EO_Train/` (or `EO/`) is always the official (or NJUST) layout: without its `SAR_Train/`
+(or `SAR/`) it is refused, never read as a generic tree. Official/NJUST class folders are named by
+official class name or id. EO and SAR chips pair by identical file name inside the same class. Flat test folders name their files `<prefix><digits>.<ext>`.
 """
 
 from __future__ import annotations
@@ -308,14 +309,19 @@ def discover_layout(root: str | Path, train_dir: str | None = None, test_dir: st
         raise UserError(f"data path {root} is not a folder: expected a dataset root folder")
     root = root.resolve()
     for kind, eo_name, sar_name in (("official", "EO_Train", "SAR_Train"), ("njust", "EO", "SAR")):
-        sar_dir = _child_dir(root, (sar_name,))
-        if sar_dir is None:
+        eo_dir, sar_dir = _child_dir(root, (eo_name,)), _child_dir(root, (sar_name,))
+        if sar_dir is None and eo_dir is None:
             continue
+        if sar_dir is None:
+            raise UserError(
+                f"{root} has {eo_dir.name}/ but no {sar_name}/: the {kind} layout needs {sar_name}/<class>/ "
+                f"folders of SAR chips beside {eo_dir.name}/<class>/ (EO chips alone cannot train the SAR model)"
+            )
         if train_dir is not None:
             raise UserError(
                 f"--train-dir applies to generic class-folder trees only: {root} is an {kind} layout ({sar_dir.name}/)"
             )
-        return _paired_layout(root, kind, _child_dir(root, (eo_name,)), sar_dir, test_dir)
+        return _paired_layout(root, kind, eo_dir, sar_dir, test_dir)
     return _generic_layout(root, train_dir, test_dir)
 
 
