@@ -269,6 +269,77 @@ def test_mstar_is_a_generic_layout(mstar_root: Path) -> None:
     assert OFFICIAL_NAMES[0] not in layout.classes.names
 
 
+# ----------------------------------------------------------------------------- images in sub-folders (MSTAR-style)
+
+_NESTED = ["SN_132/HB03333.png", "SN_132/deg_17/HB03334.png", "SN_9563/HB03333.png", "top.png"]
+
+
+def _nested_class(folder: Path, seed: int, names: list[str] = _NESTED) -> None:
+    """Images two levels deep, plus a hidden folder, a hidden file and a symlink loop (all to be skipped)."""
+    for i, name in enumerate(names):
+        write_image(folder / name, chip(seed + i, 9))
+    write_image(folder / ".thumbs" / "hidden.png", chip(seed + 90, 9))
+    write_image(folder / "SN_132" / ".HB00000.png", chip(seed + 91, 9))
+    (folder / "SN_132" / "deg_17" / "loop").symlink_to("../..", target_is_directory=True)  # -> the class folder
+    (folder / "SN_9563" / "self").symlink_to(".", target_is_directory=True)
+
+
+@pytest.mark.parametrize("kind", ["official", "njust"])
+def test_paired_layouts_walk_class_folders_recursively(tmp_path: Path, kind: str) -> None:
+    eo_name, sar_name, test_name = ("EO_Train", "SAR_Train", "SAR_Test") if kind == "official" else ("EO", "SAR", "test")
+    _nested_class(tmp_path / eo_name / "sedan", 1, _NESTED + ["SN_777/HB03333.png"])
+    _nested_class(tmp_path / sar_name / "sedan", 100, _NESTED + ["SN_9563/sar_only.png"])
+    _nested_class(tmp_path / sar_name / "van", 200)
+    write_image(tmp_path / test_name / "Gotcha5.png", chip(300, 9))
+    layout = discover_layout(tmp_path)
+    assert layout.kind == kind
+    sedan = {item.name: item for item in layout.train if item.class_id == 0}
+    assert list(sedan) == sorted(_NESTED + ["SN_777/HB03333.png", "SN_9563/sar_only.png"])
+    for name in _NESTED:  # paired by the path relative to the class folder, not by the bare file name
+        assert sedan[name].eo_path == tmp_path / eo_name / "sedan" / name
+        assert sedan[name].sar_path == tmp_path / sar_name / "sedan" / name
+    assert sedan["SN_777/HB03333.png"].sar_path is None and sedan["SN_9563/sar_only.png"].eo_path is None
+    assert [item.name for item in layout.train if item.class_id == 3] == sorted(_NESTED)
+    assert layout.pair_counts() == {"paired": 4, "sar_only": 5, "eo_only": 1}
+    assert discover_layout(tmp_path).train == layout.train  # deterministic
+
+
+def test_generic_layout_walks_train_and_labelled_test_recursively(tmp_path: Path) -> None:
+    _nested_class(tmp_path / "train_17deg" / "T72", 1)
+    _nested_class(tmp_path / "train_17deg" / "BMP2", 10)
+    _nested_class(tmp_path / "test_15deg" / "T72", 20)
+    write_image(tmp_path / "test_15deg" / "BMP2" / "SN_9566" / "a.png", chip(30, 9))
+    layout = discover_layout(tmp_path)
+    assert layout.kind == "generic" and layout.classes.names == ("BMP2", "T72")
+    assert [item.name for item in layout.train] == sorted(_NESTED) * 2
+    assert all(item.sar_path == tmp_path / "train_17deg" / layout.classes.names[item.class_id] / item.name
+               for item in layout.train)
+    assert [(t.image_id, t.class_id, t.path.relative_to(tmp_path / "test_15deg").as_posix()) for t in layout.test] == [
+        (0, 0, "BMP2/SN_9566/a.png"),
+        *[(i + 1, 1, f"T72/{name}") for i, name in enumerate(sorted(_NESTED))],
+    ]
+    assert discover_layout(tmp_path).test == layout.test
+
+
+def test_linked_folders_are_followed_once(tmp_path: Path) -> None:
+    write_image(tmp_path / "elsewhere" / "SN_1" / "a.png", chip(1, 9))
+    make_generic(tmp_path / "data", train={"a_cls": 1}, test={})
+    write_image(tmp_path / "data" / "train" / "b_cls" / "real" / "b.png", chip(2, 9))
+    (tmp_path / "data" / "train" / "b_cls" / "ext").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "data" / "train" / "b_cls" / "again").symlink_to("real", target_is_directory=True)
+    (tmp_path / "data" / "train" / "b_cls" / "up").symlink_to("..", target_is_directory=True)  # holds b_cls: a loop
+    layout = discover_layout(tmp_path / "data")
+    assert [item.name for item in layout.train if item.class_id == 1] == ["ext/SN_1/a.png", "real/b.png"]
+
+
+def test_class_folder_with_only_hidden_or_looping_content_is_empty(tmp_path: Path) -> None:
+    make_generic(tmp_path, train={"a_cls": 1}, test={})
+    write_image(tmp_path / "train" / "b_cls" / ".hidden" / "x.png", chip(1, 8))
+    (tmp_path / "train" / "b_cls" / "loop").symlink_to("..", target_is_directory=True)
+    message = _error(tmp_path)
+    assert "empty class folder" in message and str(Path("train") / "b_cls") in message
+
+
 # ----------------------------------------------------------------------------- official layout with a missing counterpart
 
 

@@ -282,3 +282,21 @@ def test_split_folder_outside_the_root(tmp_path: Path) -> None:
     assert Path(first.sar_path).resolve() == (tmp_path / "elsewhere" / "train" / "a_cls" / "0000.jpeg").resolve()
     np.testing.assert_array_equal(packed.train_sar[first.sar_row], _expected(first.sar_path, 12))
 
+
+def test_names_with_sub_folders_pack_and_reload(tmp_path: Path) -> None:
+    """Chips two levels deep under a class folder: names are relative paths ('SN_1/a.png'), never file names."""
+    root = make_paired(tmp_path / "data", classes={"sedan": 1}, test_ids=[3])
+    for i, name in enumerate(("SN_1/a.png", "SN_1/deg_17/a.png", "SN_2/a.png")):
+        write_image(root / "EO_Train" / "van" / name, chip(i, 9))
+        write_image(root / "SAR_Train" / "van" / name, chip(100 + i, 13, 11))
+    first = _pack(root, tmp_path / "cache")
+    again = _pack(root, tmp_path / "cache")
+    for packed in (first, again):
+        van = packed.train_index[packed.train_index["class_id"] == 3].set_index("name")
+        assert list(van.index) == ["SN_1/a.png", "SN_1/deg_17/a.png", "SN_2/a.png"]
+        for name, row in van.iterrows():
+            assert row["sar_path"] == str(root / "SAR_Train" / "van" / name)
+            np.testing.assert_array_equal(packed.train_eo[row["eo_row"]], _expected(row["eo_path"], 8))
+            np.testing.assert_array_equal(packed.train_sar[row["sar_row"]], _expected(row["sar_path"], 12))
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()) == ["test", "train"]
+    assert all(p.parent.parent == tmp_path / "cache" for p in (tmp_path / "cache").rglob("*") if p.is_file())

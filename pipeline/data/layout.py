@@ -8,7 +8,9 @@
 
 A root with `EO_Train/` (or `EO/`) is always the official (or NJUST) layout: without its `SAR_Train/`
 (or `SAR/`) it is refused, never read as a generic tree. Official/NJUST class folders are named by
-official class name or id. EO and SAR chips pair by identical file name inside the same class. Flat test folders name their files `<prefix><digits>.<ext>`.
+official class name or id. A class folder holds its images at any depth (MSTAR's `T72/SN_132/*.jpeg`):
+an item's name is its path relative to the class folder (`SN_132/HB03333.jpeg`), and EO and SAR chips
+pair by that name inside the same class. Flat test folders name their files `<prefix><digits>.<ext>`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ TEST_DIR_NAMES = ("SAR_Test", "test", "Test", "SAR_VAL")
 
 @dataclass(frozen=True, slots=True)
 class TrainItem:
-    """One training object: its EO and/or SAR chip (None where that modality is missing)."""
+    """One training object: its EO and/or SAR chip (None where that modality is missing).
+
+    `name` is the chip's path relative to its class folder, '/'-separated ('SN_132/HB03333.jpeg'): unique
+    within a class, the key that pairs EO with SAR, and never used as a file name."""
 
     name: str
     class_id: int
@@ -136,8 +141,60 @@ def _official_class_folders(split_dir: Path) -> dict[int, Path]:
     return by_id
 
 
+def _walk_images(folder: Path) -> list[str]:
+    """Image files at any depth under `folder`, as sorted '/'-separated paths relative to it.
+
+    Hidden entries are skipped. Linked folders are followed, except a link to a folder that holds the
+    link itself or `folder` (a loop); every real folder is entered once, folders reached without a link
+    first, so a link to a folder already walked adds nothing and the names do not depend on listing order.
+    """
+    top = os.path.realpath(folder)
+    seen: set[tuple[int, int]] = set()
+    found: list[str] = []
+    linked: list[tuple[str, str]] = []
+
+    def holds(outer: str, inner: str) -> bool:
+        return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+    def enter(start: str, start_prefix: str, follow: bool) -> None:
+        stack = [(start, start_prefix)]
+        while stack:
+            current, prefix = stack.pop()
+            try:
+                stat = os.stat(current)
+                with os.scandir(current) as listing:
+                    entries = sorted(listing, key=lambda e: e.name)
+            except OSError:
+                continue  # a dangling link or an unreadable folder holds no chips
+            if (stat.st_dev, stat.st_ino) in seen:
+                continue
+            seen.add((stat.st_dev, stat.st_ino))
+            subfolders = []
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    if entry.is_symlink():
+                        target = os.path.realpath(entry.path)
+                        if holds(target, os.path.realpath(current)) or holds(target, top):
+                            continue  # a loop
+                        if not follow:
+                            linked.append((target, f"{prefix}{entry.name}/"))
+                            continue
+                    subfolders.append((entry.path, f"{prefix}{entry.name}/"))
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                    found.append(prefix + entry.name)
+            stack.extend(reversed(subfolders))
+
+    enter(str(folder), "", follow=False)
+    for target, prefix in sorted(linked, key=lambda t: t[1]):
+        enter(target, prefix, follow=True)
+    return sorted(found)
+
+
 def _class_images(folder: Path) -> list[str]:
-    images = _scan(folder)[1]
+    """Images of a class folder at any depth (names relative to it); UserError when there are none."""
+    images = _walk_images(folder)
     if not images:
         raise UserError(f"empty class folder {folder}: expected image files ({_extensions()})")
     return images
@@ -148,7 +205,7 @@ def _extensions() -> str:
 
 
 def _paired_items(class_id: int, eo_dir: Path | None, sar_dir: Path | None) -> list[TrainItem]:
-    """Training items of one class, EO and SAR paired by identical file name."""
+    """Training items of one class, EO and SAR paired by identical path relative to the class folder."""
     eo_names = set(_class_images(eo_dir)) if eo_dir is not None else set()
     sar_names = set(_class_images(sar_dir)) if sar_dir is not None else set()
     return [
