@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--weights", type=Path, default=REPO_ROOT / "weights")
     p.add_argument("--submissions", type=Path, default=REPO_ROOT / "submissions")
-    p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--cache-dir", type=Path, default=None, help="where packed arrays are cached (default: $EOSAR_CACHE_DIR, else .cache/packs in the project; never inside --data unless given here)")
     p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images instead of stopping")
     p.add_argument("--synth-scale", default="quick", help="scale of the synthetic dataset generated when --data is not given")
     return p

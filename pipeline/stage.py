@@ -55,7 +55,7 @@ def build_parser(stage: str, description: str | None, training: bool = True) -> 
     parser.add_argument("--seed", type=int, default=None, help="random seed (overrides the profile's)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--holdout-classes", default=None, help="comma-separated classes left out of training and scored as OOD at test")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="where packed arrays are cached (default: <data>/.cache/packs)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="where packed arrays are cached (default: $EOSAR_CACHE_DIR, else .cache/packs in the project; never inside --data unless given here)")
     parser.add_argument("--skip-bad", action="store_true", help="leave out unreadable images (listed in the cache) instead of stopping")
     if training:
         parser.add_argument("--resume", action="store_true", help="continue an interrupted training run from its last epoch checkpoint")

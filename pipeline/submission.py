@@ -17,57 +17,23 @@ import numpy as np
 import pandas as pd
 
 from pipeline.artifacts import atomic_write_text
+from pipeline.data.testset import TRUTH_COLUMNS, image_id_from_name, read_truth  # noqa: F401 (one definition, re-exported)
+from pipeline.data.testset import brief as _brief
+from pipeline.data.testset import data_rows as _rows
+from pipeline.data.testset import integer_column as _integer_column
+from pipeline.data.testset import read_csv_table as _read_csv
 from pipeline.errors import UserError
 from pipeline.metrics import auroc, classification_metrics, competition_score, confusion_matrix
 
 RESULTS_COLUMNS = ("image_id", "class_id", "score")
-TRUTH_COLUMNS = ("image_id", "class_id")
 RESULTS_FILE = "results.csv"
 PREDICTIONS_FILE = "predictions.csv"
 SUMMARY_FILE = "summary.json"
-_SHOW = 5  # how many offending ids/rows a message lists
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_GOTCHA_NAME = re.compile(r"^gotcha(\d+)$", re.IGNORECASE)
 
 
 class SubmissionError(UserError):
     """A submission table that the competition server would reject."""
-
-
-def image_id_from_name(filename: str) -> int:
-    """The numeric id in a test file name: 'Gotcha16683523.png' -> 16683523, '123.png' -> 123."""
-    stem = Path(filename).stem
-    match = _GOTCHA_NAME.match(stem)
-    if match:
-        return int(match.group(1))
-    if stem.isascii() and stem.isdigit():
-        return int(stem)
-    raise UserError(
-        f"cannot read an image id from test file '{filename}': expected Gotcha<digits>.png or <digits>.png"
-    )
-
-
-def _rows(mask: np.ndarray) -> str:
-    """The offending data rows, numbered from 1 (the first line after the header)."""
-    return _brief(np.flatnonzero(mask) + 1)
-
-
-def _brief(values: Iterable[Any]) -> str:
-    values = list(values)
-    shown = ", ".join(str(v) for v in values[:_SHOW])
-    return shown + (f", ... ({len(values)} in all)" if len(values) > _SHOW else "")
-
-
-def _integer_column(df: pd.DataFrame, column: str) -> tuple[np.ndarray, np.ndarray]:
-    """int64 values of a column and a mask of the rows whose value is not an integer number (set to 0)."""
-    col = df[column]
-    if pd.api.types.is_bool_dtype(col.dtype):
-        return np.zeros(len(col), np.int64), np.ones(len(col), bool)
-    if pd.api.types.is_integer_dtype(col.dtype) and not col.isna().any():
-        return col.to_numpy(np.int64), np.zeros(len(col), bool)  # exact, even beyond 2**53
-    values = pd.to_numeric(col, errors="coerce").astype(np.float64).to_numpy()
-    bad = ~np.isfinite(values) | (values != np.round(values)) | (np.abs(values) >= 2.0**63)
-    return np.where(bad, 0, values).astype(np.int64), bad
 
 
 def validate_submission(
@@ -204,44 +170,6 @@ def report_json(report: dict[str, Any]) -> str:
 def read_results(path: Path) -> pd.DataFrame:
     """A results.csv as written by `write_submission` (or by hand); UserError if unreadable."""
     return _read_csv(Path(path), "submission")
-
-
-def _read_csv(path: Path, what: str) -> pd.DataFrame:
-    if not path.is_file():
-        raise UserError(f"{what} file {path} not found")
-    try:
-        return pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{what} file {path} is not a readable CSV: {first}") from None
-
-
-def read_truth(path: Path, num_classes: int = 10) -> pd.DataFrame:
-    """Ground truth `image_id,class_id` (class_id -1 = OOD; other columns ignored) as int64 columns."""
-    path = Path(path)
-    df = _read_csv(path, "ground-truth")
-    missing = [c for c in TRUTH_COLUMNS if c not in df.columns]
-    if missing:
-        raise UserError(
-            f"ground-truth file {path} lacks column(s) {', '.join(missing)}: expected a header image_id,class_id"
-        )
-    ids, bad_ids = _integer_column(df, "image_id")
-    bad_ids |= ids < 0
-    classes, bad_classes = _integer_column(df, "class_id")
-    bad_classes |= (classes < -1) | (classes >= num_classes)
-    problems = []
-    if len(df) == 0:
-        problems.append("no rows")
-    if bad_ids.any():
-        problems.append(f"image_id not a non-negative integer in data row(s) {_rows(bad_ids)}")
-    if bad_classes.any():
-        problems.append(f"class_id not an integer in -1..{num_classes - 1} in data row(s) {_rows(bad_classes)}")
-    unique, counts = np.unique(ids[~bad_ids], return_counts=True)
-    if (counts > 1).any():
-        problems.append(f"duplicate image_id {_brief(unique[counts > 1])}")
-    if problems:
-        raise UserError(f"ground-truth file {path} is malformed: " + "; ".join(problems))
-    return pd.DataFrame({"image_id": ids, "class_id": classes})
 
 
 def score_submission(results: pd.DataFrame, truth: pd.DataFrame, num_classes: int = 10) -> dict[str, Any]:

@@ -191,23 +191,55 @@ def test_skip_bad_leaves_bad_images_out(tmp_path: Path) -> None:
         _pack(root, tmp_path / "cache")
 
 
-def test_read_only_data_root_falls_back_to_repo_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    root = make_paired(tmp_path / "data")
-    repo_cache = tmp_path / "repo" / ".cache" / "packs"
-    monkeypatch.setattr(pack_module, "REPO_CACHE", repo_cache)
-    real_writable = pack_module._writable
-    monkeypatch.setattr(pack_module, "_writable", lambda folder: folder == repo_cache and real_writable(folder))
-    out = io.StringIO()
-    packed = pack_dataset(discover_layout(root), 8, 12, console=Console(file=out, width=300))
-    assert packed.cache_dir == repo_cache and "not writable" in out.getvalue()
-    assert not (root / ".cache").exists()
+def _tree_state(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Every entry under `root` (hidden ones too, symlinks not followed): mode, size and mtime."""
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            stat = path.lstat()
+            state[str(path.relative_to(root))] = (stat.st_mode, stat.st_size, stat.st_mtime_ns)
+    stat = root.stat()
+    state["."] = (stat.st_mode, stat.st_size, stat.st_mtime_ns)
+    return state
 
 
-def test_default_cache_is_under_the_data_root(tmp_path: Path) -> None:
+@pytest.fixture
+def repo_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The project's default cache, moved into tmp_path; no EOSAR_CACHE_DIR."""
+    cache = tmp_path / "repo" / ".cache" / "packs"
+    monkeypatch.setattr(pack_module, "REPO_CACHE", cache)
+    monkeypatch.delenv("EOSAR_CACHE_DIR", raising=False)
+    return cache
+
+
+def test_default_cache_is_never_inside_the_data_folder(tmp_path: Path, repo_cache: Path) -> None:
     root = make_paired(tmp_path / "data")
+    before = _tree_state(root)
     packed = pack_dataset(discover_layout(root), 8, 12, console=_quiet())
-    assert packed.cache_dir == root / ".cache" / "packs"
-    assert discover_layout(root).pair_counts()["paired"] == 5  # the cache is not mistaken for data
+    assert packed.cache_dir == repo_cache
+    assert _tree_state(root) == before  # nothing created, changed or touched in the data folder
+    again = pack_dataset(discover_layout(root), 8, 12, console=_quiet())
+    assert again.cache_dir == repo_cache and _tree_state(root) == before
+
+
+def test_cache_dir_from_the_environment(tmp_path: Path, repo_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_paired(tmp_path / "data")
+    monkeypatch.setenv("EOSAR_CACHE_DIR", str(tmp_path / "env cache"))
+    packed = pack_dataset(discover_layout(root), 8, 12, console=_quiet())
+    assert packed.cache_dir == tmp_path / "env cache" and not repo_cache.exists()
+    explicit = pack_dataset(discover_layout(root), 8, 12, cache_dir=tmp_path / "flag", console=_quiet())
+    assert explicit.cache_dir == tmp_path / "flag"  # --cache-dir wins over the environment
+
+
+def test_unwritable_default_cache_asks_for_cache_dir(tmp_path: Path, repo_cache: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_paired(tmp_path / "data")
+    monkeypatch.setattr(pack_module, "_writable", lambda folder: False)
+    with pytest.raises(UserError, match="--cache-dir") as info:
+        pack_dataset(discover_layout(root), 8, 12, console=_quiet())
+    assert str(repo_cache) in str(info.value) and "\n" not in str(info.value)
+    assert not (root / ".cache").exists()
 
 
 def test_process_pool_gives_the_same_pack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -228,15 +260,17 @@ def test_no_test_folder_and_no_eo(tmp_path: Path) -> None:
     assert len(packed.test_index) == 0 and (packed.train_index["eo_row"] == -1).all()
 
 
-def test_mstar_packs(mstar_root: Path, tmp_path: Path) -> None:
+def test_mstar_packs(mstar_root: Path, repo_cache: Path) -> None:
+    before = _tree_state(mstar_root)
     layout = discover_layout(mstar_root)
-    packed = pack_dataset(layout, 16, 24, cache_dir=tmp_path / "cache", console=_quiet())
+    packed = pack_dataset(layout, 16, 24, console=_quiet())  # the default cache (moved into tmp_path)
+    assert packed.cache_dir == repo_cache
     assert packed.train_sar.shape == (2747, 24, 24) and packed.test_sar.shape == (2425, 24, 24)
     assert np.bincount(packed.train_index["class_id"]).tolist() == layout.class_counts().tolist()
     assert sorted(packed.test_index["class_id"].unique()) == list(range(10))
     first = packed.train_index.iloc[0]
     np.testing.assert_array_equal(packed.train_sar[first.sar_row], _expected(first.sar_path, 24))
-    assert not (mstar_root / ".cache").exists()
+    assert _tree_state(mstar_root) == before  # whatever earlier runs left there, this one wrote nothing
 
 
 def test_split_folder_outside_the_root(tmp_path: Path) -> None:
@@ -247,3 +281,22 @@ def test_split_folder_outside_the_root(tmp_path: Path) -> None:
     first = packed.train_index.iloc[0]
     assert Path(first.sar_path).resolve() == (tmp_path / "elsewhere" / "train" / "a_cls" / "0000.jpeg").resolve()
     np.testing.assert_array_equal(packed.train_sar[first.sar_row], _expected(first.sar_path, 12))
+
+
+def test_names_with_sub_folders_pack_and_reload(tmp_path: Path) -> None:
+    """Chips two levels deep under a class folder: names are relative paths ('SN_1/a.png'), never file names."""
+    root = make_paired(tmp_path / "data", classes={"sedan": 1}, test_ids=[3])
+    for i, name in enumerate(("SN_1/a.png", "SN_1/deg_17/a.png", "SN_2/a.png")):
+        write_image(root / "EO_Train" / "van" / name, chip(i, 9))
+        write_image(root / "SAR_Train" / "van" / name, chip(100 + i, 13, 11))
+    first = _pack(root, tmp_path / "cache")
+    again = _pack(root, tmp_path / "cache")
+    for packed in (first, again):
+        van = packed.train_index[packed.train_index["class_id"] == 3].set_index("name")
+        assert list(van.index) == ["SN_1/a.png", "SN_1/deg_17/a.png", "SN_2/a.png"]
+        for name, row in van.iterrows():
+            assert row["sar_path"] == str(root / "SAR_Train" / "van" / name)
+            np.testing.assert_array_equal(packed.train_eo[row["eo_row"]], _expected(row["eo_path"], 8))
+            np.testing.assert_array_equal(packed.train_sar[row["sar_row"]], _expected(row["sar_path"], 12))
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()) == ["test", "train"]
+    assert all(p.parent.parent == tmp_path / "cache" for p in (tmp_path / "cache").rglob("*") if p.is_file())

@@ -50,16 +50,29 @@ def _from_csv(text: str) -> pd.DataFrame:
         ("gotcha7.PNG", 7),
         ("123456.png", 123456),
         ("99", 99),
+        ("SAR_100578.png", 100578),  # the 2022 and 2023 editions
+        ("/data/EO/EO_0042.png", 42),
+        ("img_12.jpeg", 12),
+        ("Gotcha-5.png", 5),
     ],
 )
 def test_image_id_from_name(name: str, expected: int) -> None:
     assert image_id_from_name(name) == expected
 
 
-@pytest.mark.parametrize("name", ["Gotcha.png", "Gotcha12a.png", "img_12.png", "12-3.png", "", "Gotcha-5.png"])
+@pytest.mark.parametrize("name", ["Gotcha.png", "SAR_1_2.png", "12-3.png", "", "2022/SAR_.png", "a1b2.png"])
 def test_image_id_from_bad_name_is_a_user_error(name: str) -> None:
-    with pytest.raises(UserError, match="Gotcha<digits>.png"):
+    with pytest.raises(UserError, match="<prefix><digits>.<ext>") as info:
         image_id_from_name(name)
+    assert "\n" not in str(info.value)
+
+
+def test_one_definition_of_test_ids_and_truth() -> None:
+    """Discovery and scoring share one image-id parser and one truth reader."""
+    from pipeline.data import layout, testset
+
+    assert image_id_from_name is testset.image_id_from_name is layout.image_id_from_name
+    assert read_truth is testset.read_truth is layout.read_truth
 
 
 def test_valid_submission_passes() -> None:

@@ -6,33 +6,36 @@
 - generic (SAR only): `<train_dir>/<class>/` with an optional `<test_dir>/<class>/` (labelled) or a
   flat `<test_dir>/`; class ids are the sorted folder names.
 
-Official/NJUST class folders are named by official class name or id. EO and SAR chips pair by identical
-file name inside the same class.
+A root with `EO_Train/` (or `EO/`) is always the official (or NJUST) layout: without its `SAR_Train/`
+(or `SAR/`) it is refused, never read as a generic tree. Official/NJUST class folders are named by
+official class name or id. A class folder holds its images at any depth (MSTAR's `T72/SN_132/*.jpeg`):
+an item's name is its path relative to the class folder (`SN_132/HB03333.jpeg`), and EO and SAR chips
+pair by that name inside the same class. Flat test folders name their files `<prefix><digits>.<ext>`.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.classes import OFFICIAL_NAMES, OOD_LABEL, ClassTable, official_class_id
+from pipeline.data.testset import TRUTH_FILE, image_id_from_name, read_truth
 from pipeline.errors import UserError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 TEST_DIR_NAMES = ("SAR_Test", "test", "Test", "SAR_VAL")
-TRUTH_FILE = "test_truth.csv"
-_GOTCHA_NAME = re.compile(r"^gotcha(\d+)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
 class TrainItem:
-    """One training object: its EO and/or SAR chip (None where that modality is missing)."""
+    """One training object: its EO and/or SAR chip (None where that modality is missing).
+
+    `name` is the chip's path relative to its class folder, '/'-separated ('SN_132/HB03333.jpeg'): unique
+    within a class, the key that pairs EO with SAR, and never used as a file name."""
 
     name: str
     class_id: int
@@ -138,8 +141,60 @@ def _official_class_folders(split_dir: Path) -> dict[int, Path]:
     return by_id
 
 
+def _walk_images(folder: Path) -> list[str]:
+    """Image files at any depth under `folder`, as sorted '/'-separated paths relative to it.
+
+    Hidden entries are skipped. Linked folders are followed, except a link to a folder that holds the
+    link itself or `folder` (a loop); every real folder is entered once, folders reached without a link
+    first, so a link to a folder already walked adds nothing and the names do not depend on listing order.
+    """
+    top = os.path.realpath(folder)
+    seen: set[tuple[int, int]] = set()
+    found: list[str] = []
+    linked: list[tuple[str, str]] = []
+
+    def holds(outer: str, inner: str) -> bool:
+        return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+    def enter(start: str, start_prefix: str, follow: bool) -> None:
+        stack = [(start, start_prefix)]
+        while stack:
+            current, prefix = stack.pop()
+            try:
+                stat = os.stat(current)
+                with os.scandir(current) as listing:
+                    entries = sorted(listing, key=lambda e: e.name)
+            except OSError:
+                continue  # a dangling link or an unreadable folder holds no chips
+            if (stat.st_dev, stat.st_ino) in seen:
+                continue
+            seen.add((stat.st_dev, stat.st_ino))
+            subfolders = []
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    if entry.is_symlink():
+                        target = os.path.realpath(entry.path)
+                        if holds(target, os.path.realpath(current)) or holds(target, top):
+                            continue  # a loop
+                        if not follow:
+                            linked.append((target, f"{prefix}{entry.name}/"))
+                            continue
+                    subfolders.append((entry.path, f"{prefix}{entry.name}/"))
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                    found.append(prefix + entry.name)
+            stack.extend(reversed(subfolders))
+
+    enter(str(folder), "", follow=False)
+    for target, prefix in sorted(linked, key=lambda t: t[1]):
+        enter(target, prefix, follow=True)
+    return sorted(found)
+
+
 def _class_images(folder: Path) -> list[str]:
-    images = _scan(folder)[1]
+    """Images of a class folder at any depth (names relative to it); UserError when there are none."""
+    images = _walk_images(folder)
     if not images:
         raise UserError(f"empty class folder {folder}: expected image files ({_extensions()})")
     return images
@@ -150,7 +205,7 @@ def _extensions() -> str:
 
 
 def _paired_items(class_id: int, eo_dir: Path | None, sar_dir: Path | None) -> list[TrainItem]:
-    """Training items of one class, EO and SAR paired by identical file name."""
+    """Training items of one class, EO and SAR paired by identical path relative to the class folder."""
     eo_names = set(_class_images(eo_dir)) if eo_dir is not None else set()
     sar_names = set(_class_images(sar_dir)) if sar_dir is not None else set()
     return [
@@ -167,18 +222,6 @@ def _paired_items(class_id: int, eo_dir: Path | None, sar_dir: Path | None) -> l
 # ----------------------------------------------------------------------------- test folders
 
 
-def _test_image_id(folder: Path, file_name: str) -> int:
-    stem = os.path.splitext(file_name)[0]
-    match = _GOTCHA_NAME.match(stem)
-    if match:
-        return int(match.group(1))
-    if stem.isdigit():
-        return int(stem)
-    raise UserError(
-        f"test image {folder / file_name} has no numeric id: expected Gotcha<digits>.png or <digits>.png"
-    )
-
-
 def _flat_test_items(folder: Path) -> list[TestItem]:
     """Unlabelled test items of a flat folder; image ids from the file names."""
     dirs, images = _scan(folder)
@@ -189,7 +232,7 @@ def _flat_test_items(folder: Path) -> list[TestItem]:
     seen: dict[int, str] = {}
     items = []
     for name in images:
-        image_id = _test_image_id(folder, name)
+        image_id = image_id_from_name(folder / name)
         if image_id in seen:
             raise UserError(
                 f"duplicate test image id {image_id} in {folder}: files {seen[image_id]} and {name}"
@@ -197,33 +240,6 @@ def _flat_test_items(folder: Path) -> list[TestItem]:
         seen[image_id] = name
         items.append(TestItem(image_id=image_id, path=folder / name, class_id=None))
     return sorted(items, key=lambda item: item.image_id)
-
-
-def _read_truth(path: Path, num_classes: int) -> dict[int, int]:
-    """image_id -> class_id from a truth CSV (class -1 = OOD)."""
-    try:
-        with open(path, newline="") as fh:
-            reader = csv.DictReader(fh)
-            fields = [f.strip() for f in reader.fieldnames or []]
-            if "image_id" not in fields or "class_id" not in fields:
-                raise UserError(f"truth file {path} must have the header image_id,class_id")
-            truth: dict[int, int] = {}
-            for line_no, row in enumerate(reader, start=2):
-                row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
-                try:
-                    image_id, class_id = int(row["image_id"]), int(row["class_id"])
-                except ValueError:
-                    raise UserError(f"truth file {path} line {line_no}: expected integer image_id,class_id") from None
-                if not (class_id == OOD_LABEL or 0 <= class_id < num_classes):
-                    raise UserError(
-                        f"truth file {path} line {line_no}: class_id {class_id} is not -1 (OOD) or 0-{num_classes - 1}"
-                    )
-                if image_id in truth:
-                    raise UserError(f"truth file {path} line {line_no}: image_id {image_id} appears twice")
-                truth[image_id] = class_id
-    except OSError as err:
-        raise UserError(f"cannot read truth file {path}: {err.strerror}") from None
-    return truth
 
 
 def _labelled(items: list[TestItem], truth: dict[int, int]) -> list[TestItem]:
@@ -251,7 +267,8 @@ def _paired_layout(root: Path, kind: str, eo_dir: Path | None, sar_dir: Path, te
         test = _flat_test_items(test_folder)
         if (test_folder.parent / TRUTH_FILE).is_file():
             truth_path = test_folder.parent / TRUTH_FILE
-            test = _labelled(test, _read_truth(truth_path, classes.num_classes))
+            truth = read_truth(truth_path, classes.num_classes)
+            test = _labelled(test, dict(zip(truth["image_id"].tolist(), truth["class_id"].tolist())))
     return DatasetLayout(
         root=root,
         kind=kind,
@@ -349,14 +366,19 @@ def discover_layout(root: str | Path, train_dir: str | None = None, test_dir: st
         raise UserError(f"data path {root} is not a folder: expected a dataset root folder")
     root = root.resolve()
     for kind, eo_name, sar_name in (("official", "EO_Train", "SAR_Train"), ("njust", "EO", "SAR")):
-        sar_dir = _child_dir(root, (sar_name,))
-        if sar_dir is None:
+        eo_dir, sar_dir = _child_dir(root, (eo_name,)), _child_dir(root, (sar_name,))
+        if sar_dir is None and eo_dir is None:
             continue
+        if sar_dir is None:
+            raise UserError(
+                f"{root} has {eo_dir.name}/ but no {sar_name}/: the {kind} layout needs {sar_name}/<class>/ "
+                f"folders of SAR chips beside {eo_dir.name}/<class>/ (EO chips alone cannot train the SAR model)"
+            )
         if train_dir is not None:
             raise UserError(
                 f"--train-dir applies to generic class-folder trees only: {root} is an {kind} layout ({sar_dir.name}/)"
             )
-        return _paired_layout(root, kind, _child_dir(root, (eo_name,)), sar_dir, test_dir)
+        return _paired_layout(root, kind, eo_dir, sar_dir, test_dir)
     return _generic_layout(root, train_dir, test_dir)
 
 

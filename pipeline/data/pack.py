@@ -5,6 +5,9 @@ uint8, `index.csv`, `meta.json` (fingerprint, settings, normalisation) and `bad_
 a sha256 over the part's file list (relative paths, sizes, mtimes, class ids) and the pack settings, so
 a changed test image never invalidates the training pack. A pack is built in a temporary folder and
 renamed into place, so an interrupted run leaves nothing half-written under a final name.
+
+Packs live in `--cache-dir` when given, else in `$EOSAR_CACHE_DIR`, else in the project's `.cache/packs`;
+never inside the data folder unless one of those points there (data folders are often shared or read-only).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ INTERPOLATIONS = {
 }
 _CANONICAL = {"linear": "bilinear", "cubic": "bicubic"}
 REPO_CACHE = Path(__file__).resolve().parents[2] / ".cache" / "packs"
+CACHE_ENV = "EOSAR_CACHE_DIR"  # overrides REPO_CACHE as the default cache folder
 UNKNOWN_TEST_LABEL = -2  # test_index class_id of a test chip without a label
 PARALLEL_MIN_IMAGES = 2000  # fewer images are decoded in-process (a process pool costs ~1 s to start)
 NORM_MAX_ROWS = 20_000  # normalisation statistics come from at most this many evenly spaced chips
@@ -298,20 +302,25 @@ def _writable(folder: Path) -> bool:
     return True
 
 
-def _pack_roots(layout: DatasetLayout, cache_dir: Path | None, console: Console) -> tuple[list[Path], Path]:
-    """(folders to look for existing packs in, folder to build new packs in)."""
+def default_cache_dir() -> Path:
+    """Where packs go without --cache-dir: $EOSAR_CACHE_DIR if set, else the project's .cache/packs."""
+    env = os.environ.get(CACHE_ENV, "").strip()
+    return Path(env).expanduser() if env else REPO_CACHE
+
+
+def _pack_roots(cache_dir: Path | None) -> tuple[list[Path], Path]:
+    """(folders to look for existing packs in, folder to build new packs in); never the data folder by default."""
     if cache_dir is not None:
-        cache_dir = Path(cache_dir)
+        cache_dir = Path(cache_dir).expanduser()
         if not _writable(cache_dir):
             raise UserError(f"cache folder {cache_dir} is not writable: pass a writable --cache-dir")
         return [cache_dir], cache_dir
-    default = layout.root / ".cache" / "packs"
-    if _writable(default):
-        return [default, REPO_CACHE], default
-    if not _writable(REPO_CACHE):
-        raise UserError(f"neither {default} nor {REPO_CACHE} is writable: pass a writable --cache-dir")
-    console.print(f"data root {layout.root} is not writable: caching packs in {REPO_CACHE}")
-    return [default, REPO_CACHE], REPO_CACHE
+    default = default_cache_dir()
+    if not _writable(default):
+        raise UserError(
+            f"default cache folder {default} is not writable: pass a writable --cache-dir (or set {CACHE_ENV})"
+        )
+    return [default], default
 
 
 def _pid_alive(pid: int) -> bool:
@@ -565,7 +574,7 @@ def pack_dataset(
     Chips are brought to eo_size / sar_size by `fit` (resize | crop | pad, see fit_chip)."""
     console = console or Console(stderr=True)
     interpolation = _check_settings(eo_size, sar_size, interpolation, (eo_fit, sar_fit))
-    search_roots, build_root = _pack_roots(layout, cache_dir, console)
+    search_roots, build_root = _pack_roots(cache_dir)
     test_settings = {"version": PACK_VERSION, "sar_size": int(sar_size), "interpolation": interpolation}
     if sar_fit != "resize":  # resize packs keep their old fingerprints
         test_settings["sar_fit"] = sar_fit
