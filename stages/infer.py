@@ -19,7 +19,7 @@ import torch
 
 from pipeline import distributed
 from pipeline.artifacts import atomic_write_text, code_version, load_artifact
-from pipeline.cluster import cluster_vote, no_vote
+from pipeline.cluster import check_voting_settings, cluster_vote, no_vote
 from pipeline.data.datasets import ChipDataset
 from pipeline.errors import UserError, exit_on_user_error
 from pipeline.models import model_from_spec
@@ -93,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ctx = prepare_stage(STAGE, args)
     cfg = ctx.stage_cfg
+    vote_cfg = cfg["cluster"]
+    if vote_cfg["enabled"]:  # a bad setting stops here, not after the whole test set is predicted
+        check_voting_settings(
+            vote_cfg["tau"], vote_cfg["rho"], vote_cfg["min_voters"], vote_cfg["min_voter_share"], vote_cfg["top_k"]
+        )
+
     parents = {PARENT: parent_digest(ctx, PARENT)}
     inputs = {
         "config": ctx.recorded_config, "train_fingerprint": ctx.packed.train_fingerprint,
@@ -125,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     predict_seconds = time.perf_counter() - start
     probs = softmax(class_scores)  # the TTA-averaged probabilities when infer.tta.average is probs
 
-    vote_cfg = cfg["cluster"]
     if vote_cfg["enabled"]:
         voting = cluster_vote(
             embeddings, probs, vote_cfg["k"], vote_cfg["tau"], vote_cfg["rho"],
-            niter=vote_cfg["niter"], seed=ctx.seed,
+            niter=vote_cfg["niter"], seed=ctx.seed, min_voters=vote_cfg["min_voters"],
+            min_voter_share=vote_cfg["min_voter_share"], top_k=vote_cfg["top_k"],
         )
     else:
         voting = no_vote(probs)
