@@ -239,3 +239,28 @@ def test_bad_scales_and_non_square_rotations_are_user_errors() -> None:
         predict_tta(model, wide, ["identity", "rot90"], [1.0])
     logits = predict_tta(model, wide, ["identity", "hflip", "vflip", "rot180"], [1.0, 1.2]).logits
     assert logits.shape == (2, 4)
+
+
+def test_infer_predict_scores_ood_from_raw_logits_under_probability_averaging() -> None:
+    """stages.infer.predict: labels from the averaged probabilities, OOD logits from the raw mean logits."""
+    from pipeline.ood import ood_score
+    from stages.infer import predict, softmax
+
+    torch.manual_seed(0)
+    model, x = CornerModel(), _images(batch=5) * 4.0
+    dataset = [{"image": x[i], "index": torch.tensor(i)} for i in range(len(x))]
+    views = ["identity", "hflip", "vflip", "rot180"]
+    runs = {
+        average: predict(model, dataset, {"batch_size": 2, "tta": {"views": views, "scales": [1.0], "average": average}},
+                         torch.device("cpu"))
+        for average in ("probs", "logits")
+    }
+    (scores_p, logits_p, emb_p), (scores_l, logits_l, emb_l) = runs["probs"], runs["logits"]
+    per_view = torch.stack([model.head(model.embed(apply_view(x, v))) for v in views]).detach()
+    np.testing.assert_allclose(softmax(scores_p), per_view.softmax(-1).mean(0).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(scores_l, per_view.mean(0).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(logits_p, logits_l, rtol=1e-6)
+    np.testing.assert_allclose(emb_p, emb_l, rtol=1e-6)
+    energy = ood_score(logits_p, "energy")
+    assert np.ptp(energy) > 1e-3
+    np.testing.assert_allclose(energy, ood_score(logits_l, "energy"), rtol=1e-6)
