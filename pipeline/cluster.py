@@ -1,10 +1,15 @@
 """k-means (faiss) on test embeddings and winner-take-all label voting inside each cluster.
 
 Voting rule: embeddings are L2-normalised and clustered. In each cluster the *voters* are the
-members whose confidence (max probability) is at least `tau`. When a cluster has at least one voter
-and the most common label among its voters holds a share of at least `rho` of the voters, every
-non-voter member (confidence < `tau`) takes that label; voters keep their own. Ties between labels
-go to the lowest class id.
+members whose confidence (max probability) is at least `tau`. A cluster's vote is *applied* when
+  - it has at least `min_voters` voters,
+  - the voters are at least a share `min_voter_share` of the cluster's members, and
+  - the most common label among its voters holds a share of at least `rho` of the voters.
+In an applied cluster every non-voter member (confidence < `tau`) takes that label, but only when
+the label is among the chip's own `top_k` most probable classes; otherwise it keeps its label.
+Voters keep their own. Ties between labels go to the lowest class id. The first two guards stop one
+confident chip (share 1.0 of one voter) from relabelling a whole cluster; the third stops a chip
+from taking a label its own prediction all but rules out.
 """
 
 from __future__ import annotations
@@ -18,7 +23,13 @@ import pandas as pd
 
 from pipeline.errors import UserError
 
-CLUSTER_TABLE_COLUMNS = ("cluster", "size", "voters", "winner", "share", "applied", "changed")
+CLUSTER_TABLE_COLUMNS = (
+    "cluster", "size", "voters", "voter_share", "winner", "share", "applied", "changed", "outside_top_k",
+)
+# Defaults of the guards (the profiles set them explicitly; see the module doc).
+DEFAULT_MIN_VOTERS = 3
+DEFAULT_MIN_VOTER_SHARE = 0.2
+DEFAULT_TOP_K = 2
 
 
 def faiss_gpu_available() -> bool:
@@ -118,6 +129,25 @@ def _resolve_k(k: int | str, n: int, num_classes: int) -> int:
     return int(k)
 
 
+def check_voting_settings(
+    tau: float, rho: float, min_voters: int, min_voter_share: float, top_k: int
+) -> None:
+    """UserError naming the `infer.cluster` key whose value is out of range."""
+    if not _is_number(tau) or not 0.0 <= tau <= 1.0:
+        raise UserError(f"infer.cluster.tau={tau!r} is invalid: a confidence threshold in [0, 1]")
+    if not _is_number(rho) or not 0.0 < rho <= 1.0:
+        raise UserError(f"infer.cluster.rho={rho!r} is invalid: a share of the voters in (0, 1]")
+    if isinstance(min_voters, bool) or not isinstance(min_voters, (int, np.integer)) or min_voters < 1:
+        raise UserError(f"infer.cluster.min_voters={min_voters!r} is invalid: an integer >= 1, e.g. 3")
+    if not _is_number(min_voter_share) or not 0.0 <= min_voter_share <= 1.0:
+        raise UserError(
+            f"infer.cluster.min_voter_share={min_voter_share!r} is invalid: "
+            "a share of the cluster's members in [0, 1], e.g. 0.2"
+        )
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise UserError(f"infer.cluster.top_k={top_k!r} is invalid: an integer >= 1, e.g. 2")
+
+
 def cluster_vote(
     embeddings: np.ndarray,
     probs: np.ndarray,
@@ -126,6 +156,9 @@ def cluster_vote(
     rho: float,
     niter: int = 25,
     seed: int = 0,
+    min_voters: int = DEFAULT_MIN_VOTERS,
+    min_voter_share: float = DEFAULT_MIN_VOTER_SHARE,
+    top_k: int = DEFAULT_TOP_K,
 ) -> VotingResult:
     """Cluster L2-normalised `embeddings` (N, D) with k-means and apply the voting rule (module doc)."""
     probs = _check_probs(probs)
@@ -133,10 +166,7 @@ def cluster_vote(
     n, num_classes = probs.shape
     if embeddings.ndim != 2 or embeddings.shape[0] != n:
         raise ValueError(f"embeddings {embeddings.shape} do not match probs {probs.shape}")
-    if not _is_number(tau) or not 0.0 <= tau <= 1.0:
-        raise UserError(f"infer.cluster.tau={tau} is invalid: a confidence threshold in [0, 1]")
-    if not _is_number(rho) or not 0.0 < rho <= 1.0:
-        raise UserError(f"infer.cluster.rho={rho} is invalid: a share of the voters in (0, 1]")
+    check_voting_settings(tau, rho, min_voters, min_voter_share, top_k)
     if n == 0:
         return no_vote(probs)
     k = _resolve_k(k, n, num_classes)
@@ -150,24 +180,37 @@ def cluster_vote(
     votes = np.bincount(
         cluster[is_voter] * num_classes + before[is_voter], minlength=k * num_classes
     ).reshape(k, num_classes)
+    size = np.bincount(cluster, minlength=k)
     voters = votes.sum(axis=1)
+    voter_share = voters / np.maximum(size, 1)
     winner = votes.argmax(axis=1)  # first maximum: ties go to the lowest class id
     with np.errstate(invalid="ignore", divide="ignore"):
         share = np.where(voters > 0, votes.max(axis=1) / np.maximum(voters, 1), np.nan)
-    applied = (voters > 0) & (share >= rho - 1e-12)
+    applied = (
+        (voters >= min_voters)
+        & (voter_share >= min_voter_share - 1e-12)
+        & (share >= rho - 1e-12)
+    )
 
-    relabel = ~is_voter & applied[cluster]
+    # A chip may only take a label among its own top-k classes (rank by probability, ties to the lower id).
+    rank = np.argsort(np.argsort(-probs, axis=1, kind="stable"), axis=1, kind="stable")
+    winner_rank = rank[np.arange(n), winner[cluster]]
+    candidate = ~is_voter & applied[cluster]
+    relabel = candidate & (winner_rank < int(top_k))
     labels = np.where(relabel, winner[cluster], before)
     changed = labels != before
+    blocked = candidate & ~relabel
     table = pd.DataFrame(
         {
             "cluster": np.arange(k),
-            "size": np.bincount(cluster, minlength=k),
+            "size": size,
             "voters": voters,
+            "voter_share": voter_share,
             "winner": np.where(voters > 0, winner, -1),
             "share": share,
             "applied": applied,
             "changed": np.bincount(cluster[changed], minlength=k),
+            "outside_top_k": np.bincount(cluster[blocked], minlength=k),
         }
     )
     return VotingResult(

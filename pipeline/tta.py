@@ -6,7 +6,7 @@ A model is any `nn.Module` with `embed(x) -> (B, D)` and `head(emb) -> (B, C)`.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +105,14 @@ def tta_batch(x: Tensor, views: list[str], scales: list[float]) -> Tensor:
     return torch.cat([apply_view(rescale(x, s), v) for s in scales for v in views], dim=0)
 
 
+class TTAOutput(NamedTuple):
+    """What `predict_tta` returns, each averaged over all views × scales (float32)."""
+
+    class_scores: Tensor  # (B, C) for the class decision: mean logits, or log of the mean probabilities
+    embeddings: Tensor  # (B, D) mean embeddings, for clustering
+    logits: Tensor  # (B, C) mean raw logits whatever `average` is: for OOD scores (energy, max-logit)
+
+
 @torch.no_grad()
 def predict_tta(
     model: nn.Module,
@@ -113,14 +121,17 @@ def predict_tta(
     scales: list[float],
     average: str = "logits",
     max_batch: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """TTA logits (B, C) and embeddings (B, D) of images `x` (B, C_in, H, W).
+) -> TTAOutput:
+    """TTA class scores, embeddings and logits of images `x` (B, C_in, H, W), see `TTAOutput`.
 
     All views × scales go through ONE batched forward (`embed` then `head`), or through chunks of at
-    most `max_batch` images when that is set. `average="logits"` averages logits; `"probs"` averages
-    softmax probabilities and returns their log (log-probabilities, so softmax of the result gives the
-    averaged probabilities back). Embeddings are averaged over all views. The model runs in eval mode
-    and its training flag is restored afterwards. Outputs are float32 on the model's output device.
+    most `max_batch` images when that is set. `average` only decides `class_scores`: `"logits"` gives
+    the mean logits; `"probs"` averages softmax probabilities and gives their log (log-probabilities,
+    so softmax of it gives the averaged probabilities back). `logits` is always the mean of the raw
+    logits: log-probabilities would make energy constant (logsumexp of them is 0) and turn max-logit
+    into log-MSP, so OOD scores are computed from `logits`. Embeddings are averaged over all views.
+    The model runs in eval mode and its training flag is restored afterwards, even on error. Outputs
+    are float32 on the model's output device.
     """
     if average not in AVERAGE_MODES:
         raise UserError(f"infer.tta.average '{average}' is invalid: choose one of {', '.join(AVERAGE_MODES)}")
@@ -144,8 +155,9 @@ def predict_tta(
         model.train(was_training)
     emb_all = torch.cat(embeddings).reshape(n_views, batch, -1)
     logits_all = torch.cat(logits).reshape(n_views, batch, -1)
+    mean_logits = logits_all.mean(dim=0)
     if average == "logits":
-        mean_logits = logits_all.mean(dim=0)
+        class_scores = mean_logits
     else:  # log of the mean probability, computed stably in log space
-        mean_logits = torch.logsumexp(torch.log_softmax(logits_all, dim=-1), dim=0) - math.log(n_views)
-    return mean_logits, emb_all.mean(dim=0)
+        class_scores = torch.logsumexp(torch.log_softmax(logits_all, dim=-1), dim=0) - math.log(n_views)
+    return TTAOutput(class_scores=class_scores, embeddings=emb_all.mean(dim=0), logits=mean_logits)

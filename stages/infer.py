@@ -19,7 +19,7 @@ import torch
 
 from pipeline import distributed
 from pipeline.artifacts import atomic_write_text, code_version, load_artifact
-from pipeline.cluster import cluster_vote, no_vote
+from pipeline.cluster import check_voting_settings, cluster_vote, no_vote
 from pipeline.data.datasets import ChipDataset
 from pipeline.errors import UserError, exit_on_user_error
 from pipeline.models import model_from_spec
@@ -51,26 +51,32 @@ def mark_latest(submissions: Path, run_dir: Path) -> None:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, dataset: ChipDataset, cfg: dict, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """TTA logits and embeddings of every test chip, streamed in batches (sharded across ranks, gathered)."""
+def predict(
+    model: torch.nn.Module, dataset: ChipDataset, cfg: dict, device: torch.device
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """TTA class scores, raw logits and embeddings of every test chip, streamed in batches (sharded
+    across ranks, gathered). Class scores decide labels (mean logits or log mean probabilities, as
+    `infer.tta.average` says); the mean raw logits are what OOD scores are computed from."""
     sampler = distributed.ShardSampler(len(dataset)) if distributed.is_distributed() else None
     loader = torch.utils.data.DataLoader(dataset, batch_size=int(cfg["batch_size"]), sampler=sampler, shuffle=False)
     tta = cfg["tta"]
-    logits, embs, index = [], [], []
+    scores, logits, embs, index = [], [], [], []
     for batch in loader:
         x = batch["image"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            lg, emb = predict_tta(model, x, list(tta["views"]), [float(s) for s in tta["scales"]], str(tta["average"]))
-        logits.append(lg.float().cpu())
-        embs.append(emb.float().cpu())
+            out = predict_tta(model, x, list(tta["views"]), [float(s) for s in tta["scales"]], str(tta["average"]))
+        scores.append(out.class_scores.float().cpu())
+        logits.append(out.logits.float().cpu())
+        embs.append(out.embeddings.float().cpu())
         index.append(batch["index"])
+    scores_np = torch.cat(scores).numpy().astype(np.float64)
     logits_np = torch.cat(logits).numpy().astype(np.float64)
     embs_np = torch.cat(embs).numpy().astype(np.float32)
     index_np = torch.cat(index).numpy().astype(np.int64)
     if distributed.is_distributed():
-        logits_np, embs_np, index_np = distributed.all_gather_arrays(logits_np, embs_np, index_np)
+        scores_np, logits_np, embs_np, index_np = distributed.all_gather_arrays(scores_np, logits_np, embs_np, index_np)
     order = np.argsort(index_np, kind="stable")
-    return logits_np[order], embs_np[order]
+    return scores_np[order], logits_np[order], embs_np[order]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -87,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ctx = prepare_stage(STAGE, args)
     cfg = ctx.stage_cfg
+    vote_cfg = cfg["cluster"]
+    if vote_cfg["enabled"]:  # a bad setting stops here, not after the whole test set is predicted
+        check_voting_settings(
+            vote_cfg["tau"], vote_cfg["rho"], vote_cfg["min_voters"], vote_cfg["min_voter_share"], vote_cfg["top_k"]
+        )
+
     parents = {PARENT: parent_digest(ctx, PARENT)}
     inputs = {
         "config": ctx.recorded_config, "train_fingerprint": ctx.packed.train_fingerprint,
@@ -115,15 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     ctx.console.print(f"{STAGE}: {len(dataset)} test chips, {len(cfg['tta']['views']) * len(cfg['tta']['scales'])} TTA views")
     start = time.perf_counter()
-    logits, embeddings = predict(model, dataset, cfg, ctx.device)
+    class_scores, logits, embeddings = predict(model, dataset, cfg, ctx.device)
     predict_seconds = time.perf_counter() - start
-    probs = softmax(logits)
+    probs = softmax(class_scores)  # the TTA-averaged probabilities when infer.tta.average is probs
 
-    vote_cfg = cfg["cluster"]
     if vote_cfg["enabled"]:
         voting = cluster_vote(
             embeddings, probs, vote_cfg["k"], vote_cfg["tau"], vote_cfg["rho"],
-            niter=vote_cfg["niter"], seed=ctx.seed,
+            niter=vote_cfg["niter"], seed=ctx.seed, min_voters=vote_cfg["min_voters"],
+            min_voter_share=vote_cfg["min_voter_share"], top_k=vote_cfg["top_k"],
         )
     else:
         voting = no_vote(probs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -243,9 +244,49 @@ def test_read_truth(tmp_path: Path) -> None:
         read_truth(tmp_path / "absent.csv")
 
 
+def _printed_rows(text: str, title: str) -> list[list[str]]:
+    """The rows of the table titled `title` in printed `text`, split into words (box lines skipped)."""
+    rows = []
+    for line in text[text.index(title) + len(title):].splitlines()[1:]:
+        if not line.strip() or line.strip()[0] == "└":
+            break  # the table's bottom border (or a blank line) ends it
+        words = re.sub(r"[│┃|]", " ", line).split()
+        if words and not re.fullmatch(r"[┏┓┡┩━─┳╇╈┼+=-]+", "".join(words)):
+            rows.append(words)
+    return rows
+
+
 def test_print_score_report() -> None:
-    truth, results = _truth_and_results()
+    """Asymmetric confusion: 5 sedans called van, 2 vans and 1 bus right, so a transposed matrix shows."""
+    truth = pd.DataFrame({"image_id": np.arange(10), "class_id": [0, 0, 0, 0, 0, 3, 3, 7, -1, -1]})
+    results = pd.DataFrame(
+        {"image_id": np.arange(10), "class_id": [3, 3, 3, 3, 3, 3, 3, 7, 1, 2], "score": [1.0] * 8 + [0.0, 2.0]}
+    )
+    report = score_submission(results, truth)
+    assert report["confusion_matrix"][0][3] == 5 and report["confusion_matrix"][3][0] == 0
     console = Console(file=io.StringIO(), width=200)
-    print_score_report(score_submission(results, truth), list(OFFICIAL_NAMES), console)
+    print_score_report(report, list(OFFICIAL_NAMES), console)
     text = console.file.getvalue()
-    assert "competition score" in text and "pickup_truck_w_trailer" in text and "Confusion matrix" in text
+    assert "competition score" in text and "pickup_truck_w_trailer" in text
+
+    head = _printed_rows(text, "Local score")
+    assert head[0][:2] == ["competition", "score"]
+    assert head[-1][:5] == ["0.4062", "0.3750", "0.5000", "0.6667", "0.4815"]  # 0.75·3/8 + 0.25·0.5
+
+    recall = {row[1]: row[2:] for row in _printed_rows(text, "Per-class recall (in-distribution)") if row[0].isdigit()}
+    assert recall["sedan"] == ["5", "0.000"] and recall["van"] == ["2", "1.000"] and recall["bus"] == ["1", "1.000"]
+    assert recall["SUV"] == ["0", "-"]
+
+    assert "rows: true, columns: predicted" in text
+    matrix = _printed_rows(text, "Confusion matrix (rows: true, columns: predicted)")
+    header = matrix[0]
+    assert header[header.index("pred") + 1:] == [str(c) for c in range(10)]
+    body = {int(row[0]): row[2:] for row in matrix[1:] if row[0].isdigit()}
+    assert sorted(body) == list(range(10))
+    assert [row[1] for row in matrix[1:] if row[0].isdigit()] == list(OFFICIAL_NAMES)
+    for true_class, cells in body.items():  # row = true class, column = predicted class
+        expected = ["."] * 10
+        expected[3] = {0: "5", 3: "2"}.get(true_class, ".")
+        if true_class == 7:
+            expected[7] = "1"
+        assert cells == expected, f"row {true_class} {OFFICIAL_NAMES[true_class]}: {cells}"

@@ -87,17 +87,17 @@ def test_symmetric_model_gives_identical_logits_for_every_view() -> None:
     per_view = [predict_tta(model, x, [v], [1.0])[0] for v in VIEW_NAMES]
     for logits in per_view[1:]:
         torch.testing.assert_close(logits, per_view[0], rtol=0, atol=1e-6)
-    averaged, _ = predict_tta(model, x, list(VIEW_NAMES), [1.0])
+    averaged = predict_tta(model, x, list(VIEW_NAMES), [1.0]).class_scores
     torch.testing.assert_close(averaged, per_view[0], rtol=0, atol=1e-6)
 
 
 def test_all_views_and_scales_go_through_one_forward() -> None:
     model = PoolModel()
     views, scales = ["identity", "hflip", "rot90", "transpose"], [0.75, 1.0, 1.25]
-    logits, emb = predict_tta(model, _images(batch=5), views, scales)
+    scores, emb, logits = predict_tta(model, _images(batch=5), views, scales)
     assert (model.embed_calls, model.head_calls) == (1, 1)
     assert model.batch_sizes == [5 * len(views) * len(scales)]
-    assert logits.shape == (5, 4) and emb.shape == (5, 2)
+    assert scores.shape == logits.shape == (5, 4) and emb.shape == (5, 2)
 
 
 def test_chunked_forward_equals_single_forward() -> None:
@@ -117,19 +117,87 @@ def test_average_of_logits_and_of_probabilities() -> None:
     views = ["identity", "hflip", "vflip", "rot180"]
     per_view_logits = torch.stack([model.head(model.embed(apply_view(x, v))) for v in views])
     per_view_emb = torch.stack([model.embed(apply_view(x, v)) for v in views])
-    logits, emb = predict_tta(model, x, views, [1.0], average="logits")
+    scores, emb, logits = predict_tta(model, x, views, [1.0], average="logits")
+    torch.testing.assert_close(scores, per_view_logits.mean(0))
     torch.testing.assert_close(logits, per_view_logits.mean(0))
     torch.testing.assert_close(emb, per_view_emb.mean(0))
-    log_probs, _ = predict_tta(model, x, views, [1.0], average="probs")
+    log_probs, emb_p, logits_p = predict_tta(model, x, views, [1.0], average="probs")
     torch.testing.assert_close(log_probs.exp(), per_view_logits.softmax(-1).mean(0))
+    torch.testing.assert_close(logits_p, per_view_logits.mean(0))
+    torch.testing.assert_close(emb_p, per_view_emb.mean(0))
     with pytest.raises(UserError, match="average"):
         predict_tta(model, x, views, [1.0], average="median")
 
 
-def test_predict_tta_restores_training_mode() -> None:
-    model = PoolModel().train()
-    predict_tta(model, _images(), ["identity"], [1.0])
-    assert model.training
+class NoisyModel(nn.Module):
+    """Mode matters: dropout and batch-norm in `embed`, so train mode gives random, batch-dependent outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.norm = nn.BatchNorm2d(6)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(6, 3)
+        with torch.no_grad():  # running statistics far from a batch's own, so eval and train differ
+            self.norm.running_mean.fill_(2.0)
+            self.norm.running_var.fill_(9.0)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.norm(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_probability_averaging_keeps_raw_logits_for_ood() -> None:
+    """average=probs decides the class from averaged probabilities, but OOD scores still see the mean
+    raw logits: energy differs between chips and equals the energy of logit averaging (issue 9, item 3)."""
+    from pipeline.ood import ood_score
+
+    torch.manual_seed(0)
+    model, x = CornerModel(), _images(batch=6) * 4.0
+    views = ["identity", "hflip", "vflip", "rot180"]
+    by_probs = predict_tta(model, x, views, [1.0], average="probs")
+    by_logits = predict_tta(model, x, views, [1.0], average="logits")
+    torch.testing.assert_close(by_probs.logits, by_logits.logits)
+    energy = ood_score(by_probs.logits, "energy")
+    assert np.ptp(energy) > 1e-3  # not the constant logsumexp(log p) = 0
+    np.testing.assert_allclose(energy, ood_score(by_logits.logits, "energy"), rtol=1e-6)
+    np.testing.assert_allclose(
+        ood_score(by_probs.logits, "maxlogit"), ood_score(by_logits.class_scores, "maxlogit"), rtol=1e-6
+    )
+    per_view = torch.stack([model.head(model.embed(apply_view(x, v))) for v in views])
+    torch.testing.assert_close(by_probs.class_scores.softmax(-1), per_view.softmax(-1).mean(0))
+
+
+def test_predict_tta_runs_in_eval_mode_and_restores_training_mode() -> None:
+    torch.manual_seed(0)
+    model, x, views = NoisyModel(), _images(batch=4), ["identity", "hflip"]
+    running = {k: v.clone() for k, v in model.norm.state_dict().items()}
+    model.eval()
+    with torch.no_grad():
+        expected = torch.stack([model.head(model.embed(apply_view(x, v))) for v in views]).mean(0)
+    model.train()
+    first = predict_tta(model, x, views, [1.0])
+    second = predict_tta(model, x[:1], views, [1.0])  # another batch: eval mode ignores batch statistics
+    assert model.training and model.drop.training and model.norm.training  # mode restored
+    torch.testing.assert_close(first.class_scores, expected)
+    torch.testing.assert_close(second.class_scores, expected[:1])
+    for key, value in model.norm.state_dict().items():  # batch-norm statistics untouched
+        torch.testing.assert_close(value, running[key], msg=key)
+    model.eval()
+    predict_tta(model, x, views, [1.0])
+    assert not model.training and not model.drop.training  # eval stays eval
+
+    class Boom(Exception):
+        pass
+
+    class Explode(nn.Module):
+        def forward(self, emb: torch.Tensor) -> torch.Tensor:
+            raise Boom
+
+    broken = NoisyModel().train()
+    broken.head = Explode()
+    with pytest.raises(Boom):
+        predict_tta(broken, x, views, [1.0])
+    assert broken.training and broken.drop.training  # restored even when the forward fails
 
 
 @pytest.mark.parametrize("scale", [0.5, 0.8, 1.0, 1.3, 2.0, 0.2])
@@ -169,5 +237,30 @@ def test_bad_scales_and_non_square_rotations_are_user_errors() -> None:
     wide = torch.rand(2, 1, 6, 9)
     with pytest.raises(UserError, match="need square images"):
         predict_tta(model, wide, ["identity", "rot90"], [1.0])
-    logits, _ = predict_tta(model, wide, ["identity", "hflip", "vflip", "rot180"], [1.0, 1.2])
+    logits = predict_tta(model, wide, ["identity", "hflip", "vflip", "rot180"], [1.0, 1.2]).logits
     assert logits.shape == (2, 4)
+
+
+def test_infer_predict_scores_ood_from_raw_logits_under_probability_averaging() -> None:
+    """stages.infer.predict: labels from the averaged probabilities, OOD logits from the raw mean logits."""
+    from pipeline.ood import ood_score
+    from stages.infer import predict, softmax
+
+    torch.manual_seed(0)
+    model, x = CornerModel(), _images(batch=5) * 4.0
+    dataset = [{"image": x[i], "index": torch.tensor(i)} for i in range(len(x))]
+    views = ["identity", "hflip", "vflip", "rot180"]
+    runs = {
+        average: predict(model, dataset, {"batch_size": 2, "tta": {"views": views, "scales": [1.0], "average": average}},
+                         torch.device("cpu"))
+        for average in ("probs", "logits")
+    }
+    (scores_p, logits_p, emb_p), (scores_l, logits_l, emb_l) = runs["probs"], runs["logits"]
+    per_view = torch.stack([model.head(model.embed(apply_view(x, v))) for v in views]).detach()
+    np.testing.assert_allclose(softmax(scores_p), per_view.softmax(-1).mean(0).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(scores_l, per_view.mean(0).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(logits_p, logits_l, rtol=1e-6)
+    np.testing.assert_allclose(emb_p, emb_l, rtol=1e-6)
+    energy = ood_score(logits_p, "energy")
+    assert np.ptp(energy) > 1e-3
+    np.testing.assert_allclose(energy, ood_score(logits_l, "energy"), rtol=1e-6)
