@@ -32,6 +32,8 @@ CANDIDATES: dict[str, list[str]] = {
     "resnet18-resize": [
         "model.name=resnet18", "data.sar_size=56", "data.sar_fit=resize", "data.sar_margin=0",
         "data.eo_size=32", "data.eo_fit=resize", "data.eo_margin=0", "data.intensity=none",
+        "augment.hflip=true", "augment.vflip=true", "augment.rot90=true", "augment.shift=0.06", "augment.scale=0.1",
+        "distill_sar.epochs=6", "infer.tta.views=[identity,hflip,vflip,rot90,rot180,rot270]",
     ],
     "resnet18-crop": ["model.name=resnet18"],
     "aconvnet": ["model.name=aconvnet"],
@@ -39,6 +41,9 @@ CANDIDATES: dict[str, list[str]] = {
     "aconvnet-intensity-none": ["model.name=aconvnet", "data.intensity=none"],
     "aconvnet-intensity-log": ["model.name=aconvnet", "data.intensity=log"],
     "aconvnet-window-1.0": ["model.name=aconvnet", "data.sar_auto_fraction=1.0"],
+    "flips-rot90": ["augment.hflip=true", "augment.vflip=true", "augment.rot90=true",
+                    "infer.tta.views=[identity,hflip,vflip,rot90,rot180,rot270]"],
+    "epochs-12": ["distill_sar.epochs=12"],
 }
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
