@@ -73,7 +73,7 @@ def test_chip_input_centre_crops_and_standardises() -> None:
         ChipInput(intensity="gamma")
 
 
-@pytest.mark.parametrize("name", ["aconvnet", "aconvnet_wide"])
+@pytest.mark.parametrize("name", ["aconvnet", "aconvnet_wide", "aconvnet_fast"])
 def test_compact_nets_are_timm_models_with_the_adapter_in_the_spec(name: str) -> None:
     model = create_model(name, 10, window=24, intensity="standardize", norm={"mean": 0.3, "std": 0.2})
     assert model(torch.randn(3, 1, 30, 30)).shape == (3, 10)  # packed chips are centre-cropped to 24

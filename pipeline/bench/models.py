@@ -38,6 +38,7 @@ CANDIDATES: dict[str, list[str]] = {
     "resnet18-crop": ["model.name=resnet18"],
     "aconvnet": ["model.name=aconvnet"],
     "aconvnet_wide": ["model.name=aconvnet_wide"],
+    "aconvnet_fast": ["model.name=aconvnet_fast"],
     "aconvnet-intensity-none": ["model.name=aconvnet", "data.intensity=none"],
     "aconvnet-intensity-log": ["model.name=aconvnet", "data.intensity=log"],
     "aconvnet-window-1.0": ["model.name=aconvnet", "data.sar_auto_fraction=1.0"],
