@@ -15,10 +15,11 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
 from pipeline import __version__
 from pipeline.errors import UserError
@@ -66,15 +67,44 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
+Content = Union[str, bytes, Callable[[BinaryIO], object]]
+
+
+def _write_temp(path: Path, content: Content) -> Path:
+    """Write `content` completely to a temporary file beside `path` and fsync it; returns its name.
+
+    `content` is text (UTF-8), bytes, or a function that writes into the binary file handle (e.g.
+    `lambda fh: torch.save(obj, fh)`). The file is created by `open`, so it gets the mode every new
+    file gets (0666 less the umask, 0644 usually) and keeps it through the rename: weights are as
+    readable by a teammate as the manifest beside them. A failed write removes the temporary file.
+    """
     tmp = _tmp_path(path)
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            if callable(content):
+                content(fh)
+            else:
+                fh.write(content.encode() if isinstance(content, str) else content)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write(path: str | Path, content: Content) -> None:
+    """The one way this project writes a file: to a temporary name in the same folder, fsync, rename over `path`.
+
+    An interrupted write leaves the previous `path` (or none) and no temporary file behind.
+    """
+    path = Path(path)
+    os.replace(_write_temp(path, content), path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """`atomic_write` of a text (UTF-8)."""
+    atomic_write(path, text)
 
 
 def code_version() -> str:
@@ -126,11 +156,16 @@ def save_artifact(
     paths = ArtifactPaths.of(weights_dir, name)
     paths.weights.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    tmp_weights = _tmp_path(paths.weights)
-    save_file(tensors, str(tmp_weights))
-    manifest = dict(manifest, weights_sha256=sha256_file(tmp_weights))
-    tmp_manifest = _tmp_path(paths.manifest)
-    tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+    # safetensors' save_file creates its file with mode 0600; serialise to bytes and write them ourselves
+    blob = save_safetensors(tensors)
+    tmp_weights = _write_temp(paths.weights, blob)
+    manifest = dict(manifest, weights_sha256=hashlib.sha256(blob).hexdigest())
+    del blob
+    try:
+        tmp_manifest = _write_temp(paths.manifest, json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+    except BaseException:
+        tmp_weights.unlink(missing_ok=True)
+        raise
     if paths.weights.exists() and paths.manifest.exists():
         os.replace(paths.weights, paths.weights.with_suffix(".prev.safetensors"))
         os.replace(paths.manifest, paths.manifest.with_suffix(".prev.json"))
