@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline import distributed
 from pipeline.artifacts import (
-    ArtifactPaths, atomic_write_text, is_fresh, make_manifest, read_manifest, save_artifact, sha256_file,
+    STAGE_OF_ARTIFACT, ArtifactPaths, atomic_write_text, is_fresh, make_manifest, read_manifest, save_artifact, sha256_file,
 )
 from pipeline.config import Config, load_config, stage_config
 from pipeline.data.augment import AugmentConfig, build_augmenter
@@ -186,6 +186,31 @@ def _val_table(ctx: StageContext) -> pd.DataFrame:
 def split_digest(ctx: StageContext) -> str:
     """sha256 of the validation split (names and classes): equal digests mean the same split."""
     return hashlib.sha256(_val_table(ctx).to_csv(index=False).encode()).hexdigest()
+
+
+def _split_settings(cfg: dict[str, Any]) -> str:
+    data = cfg.get("data", {}) if isinstance(cfg, dict) else {}
+    return f"seed {cfg.get('seed', '?')}, val_fraction {data.get('val_fraction', '?')}"
+
+
+def check_parent_split(ctx: StageContext, parent: str, parent_manifest: dict[str, Any]) -> str:
+    """This run's split digest, after checking that `parent` was trained on the same train/validation split.
+
+    A stage that selects epochs on validation chips its parent trained on reports a flattering
+    validation score and picks the wrong epoch: a different split (another seed or data.val_fraction)
+    stops with one line, before the stage writes anything.
+    """
+    digest = split_digest(ctx)
+    if parent_manifest.get("split_sha256") != digest:
+        theirs = _split_settings(parent_manifest.get("config") or {})
+        ours = _split_settings(ctx.cfg)
+        differs = f"{theirs} there, {ours} here" if theirs != ours else "same seed and val_fraction, other chips"
+        producer = STAGE_OF_ARTIFACT.get(parent, "the stage that wrote it")
+        raise UserError(
+            f"{parent} was trained on another train/validation split ({differs}): run {ctx.stage} with the "
+            f"same --seed and data.val_fraction, or rerun `python -m stages.{producer}` with these"
+        )
+    return digest
 
 
 def save_split(ctx: StageContext, artifact: str) -> str:

@@ -17,6 +17,7 @@ from pipeline.losses import build_classification_loss
 from pipeline.models import model_from_spec
 from pipeline.stage import (
     build_parser,
+    check_parent_split,
     chip_dataset,
     class_counts,
     make_loader,
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if ctx.skip_if_fresh(ARTIFACT, parents):
         return 0
     state, manifest = load_artifact(ctx.weights_dir, PARENT, ctx.packed.train_fingerprint)
+    check_parent_split(ctx, PARENT, manifest)  # epochs are selected on validation chips the backbone never saw
     model = model_from_spec(manifest["model"])
     model.load_state_dict(state)
     model.to(ctx.device)
