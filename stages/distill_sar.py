@@ -19,6 +19,7 @@ from pipeline.stage import (
     check_parent_split,
     chip_dataset,
     class_counts,
+    holds_weights_lock,
     make_loader,
     new_model,
     paired_dataset,
@@ -39,6 +40,7 @@ TEACHER = "eo_teacher"
 
 
 @exit_on_user_error
+@holds_weights_lock
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(STAGE, __doc__).parse_args(argv)
     ctx = prepare_stage(STAGE, args)

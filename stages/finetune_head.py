@@ -20,6 +20,7 @@ from pipeline.stage import (
     check_parent_split,
     chip_dataset,
     class_counts,
+    holds_weights_lock,
     make_loader,
     make_stage_sampler,
     parent_digest,
@@ -43,6 +44,7 @@ def backbone_digest(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @exit_on_user_error
+@holds_weights_lock
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(STAGE, __doc__).parse_args(argv)
     ctx = prepare_stage(STAGE, args)
