@@ -1,5 +1,8 @@
 """Stage artifacts: `weights/<name>.safetensors` + `<name>.json` manifest, written atomically.
 
+Every file goes through `atomic_write` (temporary name, fsync, rename; the umask's mode). A stage
+holds its weights folder's `WeightsLock` for its whole run, so two runs never share one folder.
+
 The manifest holds the stage, its resolved config, the model spec, the dataset fingerprint, the
 sha256 of each parent artifact, metrics, code version and time. A stage reads its parents through
 `load_artifact`, which stops with one line naming the stage to run when a parent is missing,
@@ -12,13 +15,18 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import shlex
+import socket
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from filelock import FileLock, Timeout
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 
 from pipeline import __version__
 from pipeline.errors import UserError
@@ -66,15 +74,44 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
+Content = Union[str, bytes, Callable[[BinaryIO], object]]
+
+
+def _write_temp(path: Path, content: Content) -> Path:
+    """Write `content` completely to a temporary file beside `path` and fsync it; returns its name.
+
+    `content` is text (UTF-8), bytes, or a function that writes into the binary file handle (e.g.
+    `lambda fh: torch.save(obj, fh)`). The file is created by `open`, so it gets the mode every new
+    file gets (0666 less the umask, 0644 usually) and keeps it through the rename: weights are as
+    readable by a teammate as the manifest beside them. A failed write removes the temporary file.
+    """
     tmp = _tmp_path(path)
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            if callable(content):
+                content(fh)
+            else:
+                fh.write(content.encode() if isinstance(content, str) else content)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write(path: str | Path, content: Content) -> None:
+    """The one way this project writes a file: to a temporary name in the same folder, fsync, rename over `path`.
+
+    An interrupted write leaves the previous `path` (or none) and no temporary file behind.
+    """
+    path = Path(path)
+    os.replace(_write_temp(path, content), path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """`atomic_write` of a text (UTF-8)."""
+    atomic_write(path, text)
 
 
 def code_version() -> str:
@@ -126,11 +163,16 @@ def save_artifact(
     paths = ArtifactPaths.of(weights_dir, name)
     paths.weights.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    tmp_weights = _tmp_path(paths.weights)
-    save_file(tensors, str(tmp_weights))
-    manifest = dict(manifest, weights_sha256=sha256_file(tmp_weights))
-    tmp_manifest = _tmp_path(paths.manifest)
-    tmp_manifest.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+    # safetensors' save_file creates its file with mode 0600; serialise to bytes and write them ourselves
+    blob = save_safetensors(tensors)
+    tmp_weights = _write_temp(paths.weights, blob)
+    manifest = dict(manifest, weights_sha256=hashlib.sha256(blob).hexdigest())
+    del blob
+    try:
+        tmp_manifest = _write_temp(paths.manifest, json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+    except BaseException:
+        tmp_weights.unlink(missing_ok=True)
+        raise
     if paths.weights.exists() and paths.manifest.exists():
         os.replace(paths.weights, paths.weights.with_suffix(".prev.safetensors"))
         os.replace(paths.manifest, paths.manifest.with_suffix(".prev.json"))
@@ -195,3 +237,95 @@ def is_fresh(
         and manifest.get("parents") == parents
     )
     return same_inputs and sha256_file(paths.weights) == manifest.get("weights_sha256")
+
+
+LOCK_FILE = ".lock"
+LOCK_OWNER_FILE = ".lock.owner.json"
+
+
+class WeightsNotLockable(UserError):
+    """The lock file cannot be created (e.g. a read-only folder of a teammate's weights)."""
+
+
+class WeightsLock:
+    """An exclusive lock on one weights folder, held by a stage for its whole run (readers too).
+
+    Two runs writing the same `weights/` would replace each other's artifacts, and a stage reading its
+    parent while another run replaces it reads a mix of both, so every stage holds this lock from
+    `prepare_stage` until its main returns. It is an flock on `<weights>/.lock` (the `filelock`
+    package): the kernel drops it when the holding process ends, so a run killed with `kill -9`
+    never leaves a lock that blocks the next one. Who holds it (pid, host, stage, command, since) is
+    written beside it in `.lock.owner.json`, so a second run can say whom it waits for; it does not
+    wait but stops with one line. Both files are removed when the lock is released.
+    """
+
+    def __init__(self, weights_dir: str | Path, stage: str) -> None:
+        self.weights_dir = Path(weights_dir)
+        self.stage = stage
+        self.path = self.weights_dir / LOCK_FILE
+        self.owner_path = self.weights_dir / LOCK_OWNER_FILE
+        self._lock = FileLock(self.path, timeout=0)
+
+    @property
+    def is_locked(self) -> bool:
+        return self._lock.is_locked
+
+    def acquire(self) -> "WeightsLock":
+        """Take the lock at once or stop with a UserError naming the process that holds it."""
+        self.weights_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            raise UserError(
+                f"weights folder {self.weights_dir} is in use by {self.holder()}: wait until it ends, "
+                f"or give this run another --weights folder"
+            ) from None
+        except OSError as err:
+            raise WeightsNotLockable(
+                f"cannot lock weights folder {self.weights_dir} ({err.strerror or err}): a stage that writes "
+                f"artifacts needs a folder it can write, give it another --weights"
+            ) from None
+        command = shlex.join(getattr(sys, "orig_argv", None) or sys.argv)
+        owner = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "stage": self.stage,
+            "command": command,
+            "since": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
+        try:
+            atomic_write(self.owner_path, json.dumps(owner, indent=2) + "\n")
+        except BaseException:
+            self._lock.release()
+            raise
+        return self
+
+    def holder(self) -> str:
+        """Who holds the lock, from the owner file: 'stage S (pid P on H since T: command)'."""
+        try:
+            owner = json.loads(self.owner_path.read_text())
+            text = f"stage {owner['stage']} (pid {owner['pid']} on {owner['host']} since {owner['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"another process (it has not yet written {self.owner_path.name})"
+        command = " ".join(str(owner.get("command", "")).split())  # one line, whatever the command held
+        if len(command) > 160:
+            command = command[:157] + "..."
+        return f"{text}: {command})" if command else f"{text})"
+
+    def release(self) -> None:
+        """Remove the owner and lock files (while still holding the lock), then release it. Idempotent."""
+        if not self._lock.is_locked:
+            return
+        try:
+            # Unlinking a held flock file is safe: a process that opened the old file and gets the lock
+            # after us sees it has no name any more and retries on a new one (filelock checks st_nlink).
+            self.owner_path.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)
+        finally:
+            self._lock.release(force=True)
+
+    def __enter__(self) -> "WeightsLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -7,11 +7,13 @@ task, `fit`, `save_stage_artifact`.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -21,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline import distributed
 from pipeline.artifacts import (
-    ArtifactPaths, atomic_write_text, is_fresh, make_manifest, read_manifest, save_artifact, sha256_file,
+    ARTIFACT_OF_STAGE, STAGE_OF_ARTIFACT, ArtifactPaths, WeightsLock, WeightsNotLockable, atomic_write_text,
+    is_fresh, make_manifest, read_manifest, save_artifact, sha256_file,
 )
 from pipeline.config import Config, load_config, stage_config
 from pipeline.data.augment import AugmentConfig, build_augmenter
@@ -38,6 +41,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT / "data" / "synthetic"
 DEFAULT_WEIGHTS = REPO_ROOT / "weights"
 
+F = TypeVar("F", bound=Callable[..., object])
+
 
 def build_parser(stage: str, description: str | None, training: bool = True) -> argparse.ArgumentParser:
     """The flags every stage takes (data, weights, profile, overrides, seed, device, resume, ...)."""
@@ -49,7 +54,7 @@ def build_parser(stage: str, description: str | None, training: bool = True) -> 
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset root (official, NJUST-style or generic class-folder layout)")
     parser.add_argument("--train-dir", default=None, help="generic layout: name of the training split folder")
     parser.add_argument("--test-dir", default=None, help="name of the test folder (official: SAR_Test/test/Test/SAR_VAL; generic: labelled test split)")
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="folder of stage artifacts")
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS, help="folder of stage artifacts (one run at a time: a stage locks it)")
     parser.add_argument("--profile", default="quick", help="config profile: quick | full | tiny | path/to/profile.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (dotted), repeatable")
     parser.add_argument("--seed", type=int, default=None, help="random seed (overrides the profile's)")
@@ -130,10 +135,55 @@ class StageContext:
         return False
 
 
+_LOCK_SCOPES: list[list[WeightsLock]] = []
+
+
+def holds_weights_lock(main: F) -> F:
+    """Decorate a stage's main: the weights-folder lock `prepare_stage` takes is held until main ends.
+
+    Every stage script's main carries it (under `exit_on_user_error`), so the lock is released on
+    every way out (return, UserError, crash) and a later stage in the same process can take it again.
+    `prepare_stage` called outside such a main (library code, tests) takes no lock.
+    """
+
+    @functools.wraps(main)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        scope: list[WeightsLock] = []
+        _LOCK_SCOPES.append(scope)
+        try:
+            return main(*args, **kwargs)
+        finally:
+            _LOCK_SCOPES.remove(scope)
+            for lock in reversed(scope):
+                lock.release()
+
+    return wrapper  # type: ignore[return-value]
+
+
+def lock_weights(stage: str, weights_dir: Path) -> WeightsLock | None:
+    """Hold `weights_dir`'s lock for the rest of the stage's main (rank 0 only under torchrun).
+
+    A second run on the same folder stops here with one line naming the process that holds it.
+    """
+    if not _LOCK_SCOPES or not distributed.is_main_process():
+        return None
+    try:
+        lock = WeightsLock(weights_dir, stage).acquire()
+    except WeightsNotLockable:
+        if stage in ARTIFACT_OF_STAGE:
+            raise
+        # a stage that only reads (infer) may use a folder it cannot write, e.g. a teammate's weights
+        print(f"warning: {weights_dir} is not writable, so it is read without the lock", file=sys.stderr, flush=True)
+        return None
+    _LOCK_SCOPES[-1].append(lock)
+    return lock
+
+
 def prepare_stage(stage: str, args: argparse.Namespace, console: Console | None = None) -> StageContext:
-    """Resolve config, discover and pack the dataset (cached), pick the device."""
+    """Lock the weights folder, resolve config, discover and pack the dataset (cached), pick the device."""
     cfg = resolve_config(args)
     device = distributed.init_from_env(select_device(args.device))
+    lock_weights(stage, Path(args.weights))  # before packing: a second run stops at once
     console = console or Console(quiet=not distributed.is_main_process())
     layout = discover_layout(args.data, train_dir=args.train_dir, test_dir=args.test_dir)
     if cfg["data"]["holdout_classes"]:
@@ -198,6 +248,31 @@ def _val_table(ctx: StageContext) -> pd.DataFrame:
 def split_digest(ctx: StageContext) -> str:
     """sha256 of the validation split (names and classes): equal digests mean the same split."""
     return hashlib.sha256(_val_table(ctx).to_csv(index=False).encode()).hexdigest()
+
+
+def _split_settings(cfg: dict[str, Any]) -> str:
+    data = cfg.get("data", {}) if isinstance(cfg, dict) else {}
+    return f"seed {cfg.get('seed', '?')}, val_fraction {data.get('val_fraction', '?')}"
+
+
+def check_parent_split(ctx: StageContext, parent: str, parent_manifest: dict[str, Any]) -> str:
+    """This run's split digest, after checking that `parent` was trained on the same train/validation split.
+
+    A stage that selects epochs on validation chips its parent trained on reports a flattering
+    validation score and picks the wrong epoch: a different split (another seed or data.val_fraction)
+    stops with one line, before the stage writes anything.
+    """
+    digest = split_digest(ctx)
+    if parent_manifest.get("split_sha256") != digest:
+        theirs = _split_settings(parent_manifest.get("config") or {})
+        ours = _split_settings(ctx.cfg)
+        differs = f"{theirs} there, {ours} here" if theirs != ours else "same seed and val_fraction, other chips"
+        producer = STAGE_OF_ARTIFACT.get(parent, "the stage that wrote it")
+        raise UserError(
+            f"{parent} was trained on another train/validation split ({differs}): run {ctx.stage} with the "
+            f"same --seed and data.val_fraction, or rerun `python -m stages.{producer}` with these"
+        )
+    return digest
 
 
 def save_split(ctx: StageContext, artifact: str) -> str:

@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline import distributed
-from pipeline.artifacts import ArtifactPaths, atomic_write_text
+from pipeline.artifacts import ArtifactPaths, atomic_write, atomic_write_text
 from pipeline.errors import UserError
 from pipeline.metrics import classification_metrics
 
@@ -232,15 +231,7 @@ def _write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
 
 def _atomic_torch_save(obj: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def _load_resume(path: Path, expected_hash: str) -> dict[str, Any] | None:

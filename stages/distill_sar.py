@@ -11,13 +11,15 @@ from __future__ import annotations
 import torch
 
 from pipeline import distributed
-from pipeline.errors import UserError, exit_on_user_error
+from pipeline.errors import exit_on_user_error
 from pipeline.losses import DistillationLoss, build_classification_loss
 from pipeline.models import model_from_spec, model_spec
 from pipeline.stage import (
     build_parser,
+    check_parent_split,
     chip_dataset,
     class_counts,
+    holds_weights_lock,
     make_loader,
     new_model,
     paired_dataset,
@@ -38,6 +40,7 @@ TEACHER = "eo_teacher"
 
 
 @exit_on_user_error
+@holds_weights_lock
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(STAGE, __doc__).parse_args(argv)
     ctx = prepare_stage(STAGE, args)
@@ -48,17 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     train_rows, val_rows = train_val_rows(ctx, modality="sar")
+    if with_teacher:
+        teacher_state, teacher_manifest = load_artifact(ctx.weights_dir, TEACHER, ctx.packed.train_fingerprint)
+        check_parent_split(ctx, TEACHER, teacher_manifest)  # before save_split overwrites anything
     split_sha = save_split(ctx, ARTIFACT)
     student = new_model(ctx, "sar")
     supervised = build_classification_loss(cfg["loss"], class_counts(ctx, train_rows))
 
     if with_teacher:
-        teacher_state, teacher_manifest = load_artifact(ctx.weights_dir, TEACHER, ctx.packed.train_fingerprint)
-        if teacher_manifest.get("split_sha256") != split_sha:
-            raise UserError(
-                f"{TEACHER} was trained on another train/validation split (seed or val_fraction changed): "
-                "rerun `python -m stages.pretrain_eo` with the same settings"
-            )
         teacher = model_from_spec(teacher_manifest["model"])
         teacher.load_state_dict(teacher_state)
         teacher.to(ctx.device)

@@ -17,8 +17,10 @@ from pipeline.losses import build_classification_loss
 from pipeline.models import model_from_spec
 from pipeline.stage import (
     build_parser,
+    check_parent_split,
     chip_dataset,
     class_counts,
+    holds_weights_lock,
     make_loader,
     make_stage_sampler,
     parent_digest,
@@ -42,6 +44,7 @@ def backbone_digest(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @exit_on_user_error
+@holds_weights_lock
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(STAGE, __doc__).parse_args(argv)
     ctx = prepare_stage(STAGE, args)
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if ctx.skip_if_fresh(ARTIFACT, parents):
         return 0
     state, manifest = load_artifact(ctx.weights_dir, PARENT, ctx.packed.train_fingerprint)
+    check_parent_split(ctx, PARENT, manifest)  # epochs are selected on validation chips the backbone never saw
     model = model_from_spec(manifest["model"])
     model.load_state_dict(state)
     model.to(ctx.device)

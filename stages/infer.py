@@ -24,7 +24,7 @@ from pipeline.data.datasets import ChipDataset
 from pipeline.errors import UserError, exit_on_user_error
 from pipeline.models import model_from_spec
 from pipeline.ood import ood_score
-from pipeline.stage import REPO_ROOT, build_parser, parent_digest, prepare_stage
+from pipeline.stage import REPO_ROOT, build_parser, holds_weights_lock, parent_digest, prepare_stage
 from pipeline.submission import new_run_dir, print_score_report, report_json, score_submission, write_submission
 from pipeline.tta import predict_tta
 
@@ -86,6 +86,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 @exit_on_user_error
+@holds_weights_lock
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(STAGE, __doc__, training=False)
     parser.add_argument("--submissions", type=Path, default=DEFAULT_SUBMISSIONS, help="folder of submission runs")

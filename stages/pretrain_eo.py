@@ -14,6 +14,7 @@ from pipeline.stage import (
     build_parser,
     chip_dataset,
     class_counts,
+    holds_weights_lock,
     make_loader,
     new_model,
     prepare_stage,
@@ -30,6 +31,7 @@ ARTIFACT = "eo_teacher"
 
 
 @exit_on_user_error
+@holds_weights_lock
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(STAGE, __doc__).parse_args(argv)
     ctx = prepare_stage(STAGE, args)

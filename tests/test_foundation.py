@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
 from pipeline import artifacts, classes, config, metrics
@@ -101,10 +104,46 @@ def test_missing_foreign_and_damaged_artifacts_name_the_stage(tmp_path):
 
 
 def test_saving_again_keeps_previous_artifact(tmp_path):
-    artifacts.save_artifact(tmp_path, "sar_final", {"w": torch.zeros(2)}, _manifest())
-    artifacts.save_artifact(tmp_path, "sar_final", {"w": torch.ones(2)}, _manifest())
-    assert (tmp_path / "sar_final.prev.safetensors").exists()
-    assert json.loads((tmp_path / "sar_final.prev.json").read_text())["stage"] == "pretrain_eo"
+    first = {"w": torch.arange(4.0), "b": torch.tensor([7.0])}
+    artifacts.save_artifact(tmp_path, "sar_final", first, _manifest(fp="first"))
+    first_sha = artifacts.sha256_file(tmp_path / "sar_final.safetensors")
+    artifacts.save_artifact(tmp_path, "sar_final", {"w": torch.ones(4), "b": torch.zeros(1)}, _manifest(fp="second"))
+
+    prev = load_file(str(tmp_path / "sar_final.prev.safetensors"))
+    assert set(prev) == set(first) and all(torch.equal(prev[k], first[k]) for k in first)
+    prev_manifest = json.loads((tmp_path / "sar_final.prev.json").read_text())
+    assert prev_manifest["dataset_fingerprint"] == "first" and prev_manifest["weights_sha256"] == first_sha
+    current, manifest = artifacts.load_artifact(tmp_path, "sar_final", "second")
+    assert torch.equal(current["w"], torch.ones(4)) and manifest["dataset_fingerprint"] == "second"
+
+
+@pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o027, 0o640)], ids=["umask022", "umask027"])
+def test_artifact_files_get_the_umask_mode(tmp_path, mask, expected):
+    old = os.umask(mask)
+    try:
+        artifacts.save_artifact(tmp_path, "eo_teacher", {"w": torch.zeros(2)}, _manifest())
+        artifacts.save_artifact(tmp_path, "eo_teacher", {"w": torch.ones(2)}, _manifest())  # and the .prev pair
+        artifacts.atomic_write(tmp_path / "eo_teacher.split.csv", "name,class_id\n")
+        artifacts.atomic_write(tmp_path / "eo_teacher.resume.pt", lambda fh: torch.save({"epoch": 1}, fh))
+    finally:
+        os.umask(old)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["eo_teacher.json", "eo_teacher.prev.json", "eo_teacher.prev.safetensors",
+                     "eo_teacher.resume.pt", "eo_teacher.safetensors", "eo_teacher.split.csv"]
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in tmp_path.iterdir()} == {f: oct(expected) for f in files}
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "a.txt"
+    artifacts.atomic_write(target, "old")
+
+    def boom(fh):
+        fh.write(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        artifacts.atomic_write(target, boom)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
 
 def test_freshness_by_content(tmp_path):

@@ -102,11 +102,37 @@ def test_class_alpha_rejects_bad_input(kind, counts, message) -> None:
 
 
 def test_build_classification_loss() -> None:
+    """The built loss's value against a hand computation from the config's numbers."""
     counts = np.array([50, 5, 1])
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 1.2, 0.3], [-0.5, 0.0, 2.5], [1.0, 1.0, 1.0]])
+    target = torch.tensor([0, 1, 2, 0])
+    p = F.softmax(logits, dim=1)
+    p_true = p[torch.arange(4), target]
+
+    # focal, gamma 1.5, alpha inverse_freq: alpha_c = (1/n_c) / mean(1/n) over present classes
+    inv = np.array([1 / 50, 1 / 5, 1 / 1])
+    alpha = torch.tensor(inv / inv.mean(), dtype=torch.float32)
+    expected = (alpha[target] * (1 - p_true) ** 1.5 * -p_true.log()).mean()
     focal = build_classification_loss({"kind": "focal", "gamma": 1.5, "alpha": "inverse_freq"}, counts)
-    assert focal.gamma == 1.5 and focal.alpha is not None
+    torch.testing.assert_close(focal(logits, target), expected)
+
+    # focal with defaults (gamma 2, no alpha) and label smoothing 0.3: q = 0.7 one-hot + 0.3 / 3
+    q = torch.full((4, 3), 0.1).scatter_(1, target[:, None], 0.8)
+    expected = ((1 - p_true) ** 2 * -(q * p.log()).sum(dim=1)).mean()
+    smoothed = build_classification_loss({"kind": "focal", "alpha": "none", "label_smoothing": 0.3}, counts)
+    torch.testing.assert_close(smoothed(logits, target), expected)
+
+    # ce ignores gamma; label smoothing 0.1 is torch's label-smoothed cross-entropy
     ce = build_classification_loss({"kind": "ce", "gamma": 2.0, "alpha": "none", "label_smoothing": 0.1}, counts)
-    assert ce.gamma == 0.0 and ce.alpha is None and ce.label_smoothing == 0.1
+    q = torch.full((4, 3), 0.1 / 3).scatter_(1, target[:, None], 0.9 + 0.1 / 3)
+    torch.testing.assert_close(ce(logits, target), -(q * p.log()).sum(dim=1).mean())
+    torch.testing.assert_close(ce(logits, target), F.cross_entropy(logits, target, label_smoothing=0.1))
+
+    # ce with explicit alpha: per-sample weights alpha_y (normalised to mean 1 over present classes)
+    weighted = build_classification_loss({"kind": "ce", "alpha": [1.0, 2.0, 3.0]}, counts)
+    alpha = torch.tensor([0.5, 1.0, 1.5])
+    torch.testing.assert_close(weighted(logits, target), (alpha[target] * -p_true.log()).mean())
+
     with pytest.raises(UserError, match="loss.kind 'bce'"):
         build_classification_loss({"kind": "bce"}, counts)
 

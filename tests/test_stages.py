@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +113,52 @@ def test_sar_only_path_on_mstar(mstar_root, tmp_path, capsys):
     assert infer.main(args + ["--submissions", str(tmp_path / "s"), "--run", "m"]) == 0
     score = json.loads((tmp_path / "s" / "m" / "score.json").read_text())
     assert np.isfinite(score["auroc"])  # held-out classes are the OOD rows
+
+
+FAST = ("--set", "pretrain_eo.steps_per_epoch=2", "--set", "distill_sar.steps_per_epoch=2")
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Its own data and weights (no other test's leftovers): eo_teacher, sar_student and sar_final, umask 022."""
+    root = tmp_path_factory.mktemp("split_chain")
+    generate(root / "data", "tiny", seed=5)
+    old = os.umask(0o022)
+    try:
+        assert pretrain_eo.main(argv(root, *FAST)) == 0
+        assert distill_sar.main(argv(root, *FAST)) == 0
+        assert finetune_head.main(argv(root, *FAST)) == 0
+    finally:
+        os.umask(old)
+    return root
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".lock")}
+
+
+def test_every_artifact_file_gets_the_umask_mode(chain):
+    files = [p for p in (chain / "weights").iterdir() if p.is_file()]
+    assert {"eo_teacher.safetensors", "sar_student.safetensors", "sar_final.split.csv"} <= {p.name for p in files}
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: "0o644" for p in files}
+
+
+@pytest.mark.parametrize(
+    "stage, parent, producer, change",
+    [
+        (finetune_head, "sar_student", "distill_sar", ("--seed", "1")),
+        (finetune_head, "sar_student", "distill_sar", ("--set", "data.val_fraction=0.5")),
+        (distill_sar, "eo_teacher", "pretrain_eo", ("--seed", "1")),
+    ],
+    ids=["finetune_head-seed", "finetune_head-val_fraction", "distill_sar-seed"],
+)
+def test_a_parent_trained_on_another_split_is_refused(chain, capsys, stage, parent, producer, change):
+    before = _snapshot(chain / "weights")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        stage.main(argv(chain, *FAST, *change))
+    assert exc.value.code == 2
+    line = error_line(capsys)
+    assert f"{parent} was trained on another train/validation split" in line
+    assert f"stages.{producer}" in line
+    assert _snapshot(chain / "weights") == before  # nothing written, the split files of the artifacts included
