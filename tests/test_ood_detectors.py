@@ -63,7 +63,7 @@ def _mahalanobis_by_hand(x, y, test, s):
     means = np.array([x[y == c].mean(axis=0) for c in classes])
     cov = sum((x[y == c] - m).T @ (x[y == c] - m) for c, m in zip(classes, means)) / len(x)
     shrunk = (1 - s) * cov + s * np.trace(cov) / len(cov) * np.eye(len(cov))
-    precision = np.linalg.pinv(shrunk)
+    precision = np.linalg.pinv(shrunk, rcond=len(cov) * np.finfo(float).eps)
     dist = np.array([[(t - m) @ precision @ (t - m) for m in means] for t in test])
     return -dist.min(axis=1)
 

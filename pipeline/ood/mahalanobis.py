@@ -6,7 +6,8 @@ ids need not be contiguous: held-out or left-out classes are simply absent).
 
 The shared covariance S is the within-class scatter divided by N. Embeddings of a small training set
 (or ReLU features with dead units) give a singular S, so S is shrunk towards a multiple of the
-identity, S' = (1 - s)·S + s·(tr S / D)·I, and P = pinv(S') (a pseudo-inverse, so s = 0 still works).
+identity, S' = (1 - s)·S + s·(tr S / D)·I, and P = pinv(S') (a pseudo-inverse, so s = 0 still works:
+directions without training variance are then ignored).
 `shrinkage: auto` takes s from the Ledoit-Wolf formula (sklearn) on the class-centred embeddings.
 """
 
@@ -27,6 +28,15 @@ def check_shrinkage(value: Any) -> float | str:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0.0 <= value <= 1.0:
         raise UserError(f"infer.ood.mahalanobis_shrinkage={value!r} is invalid: auto or a number in [0, 1]")
     return float(value)
+
+
+def pseudo_inverse(sym: np.ndarray) -> np.ndarray:
+    """Moore-Penrose inverse of a symmetric positive semi-definite matrix, by one eigendecomposition;
+    eigenvalues below D·eps·max (numerical zeros of a singular matrix) are dropped, as matrix_rank does."""
+    eigvals, eigvecs = np.linalg.eigh(sym)
+    keep = eigvals > eigvals.max() * len(sym) * np.finfo(np.float64).eps
+    vecs = eigvecs[:, keep]
+    return (vecs / eigvals[keep]) @ vecs.T
 
 
 class MahalanobisDetector(OODDetector):
@@ -62,7 +72,7 @@ class MahalanobisDetector(OODDetector):
         s = ledoit_wolf_shrinkage(centred, assume_centered=True) if self.shrinkage == "auto" else self.shrinkage
         target = np.trace(cov) / cov.shape[0]
         shrunk = (1.0 - s) * cov + s * target * np.eye(cov.shape[0])
-        self.precision = np.linalg.pinv(shrunk, hermitian=True)
+        self.precision = pseudo_inverse(shrunk)
         self.shrinkage_used = np.float64(s)
 
     def distances(self, embeddings: np.ndarray) -> np.ndarray:
