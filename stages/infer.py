@@ -2,8 +2,10 @@
 
 Test-time augmentation (flips, 90-degree rotations, input scales) averaged in one batched forward per
 batch; faiss k-means on the test embeddings with winner-take-all label correction inside confident,
-pure clusters; an OOD score per chip (energy by default, higher = more in-distribution). Writes
-submissions/<run>/{results.csv, predictions.csv, summary.json} and, when the test labels are known
+pure clusters; an OOD score per chip (higher = more in-distribution) from the detector
+`infer.ood.method` (energy by default; knn, mahalanobis and vim are fitted once on the training
+split's TTA-averaged embeddings; auto takes stages.select_ood's choice). Writes
+submissions/<run>/{results.csv, predictions.csv, summary.json, ood_detector.npz} and, when the test labels are known
 (synthetic test_truth.csv, labelled generic test split), scores itself into score.json.
 """
 
@@ -15,22 +17,25 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from pipeline import distributed
 from pipeline.artifacts import atomic_write_text, code_version, load_artifact
 from pipeline.cluster import check_voting_settings, cluster_vote, no_vote
 from pipeline.data.datasets import ChipDataset
 from pipeline.errors import UserError, exit_on_user_error
+from pipeline.inference import predict, softmax  # noqa: F401 (predict, softmax: stages.infer names kept)
 from pipeline.models import model_from_spec
-from pipeline.ood import ood_score
-from pipeline.stage import REPO_ROOT, build_parser, holds_weights_lock, parent_digest, prepare_stage
+from pipeline.ood import ood_score, save_detector
+from pipeline.ood.fit import fit_on_split, resolve_detector
+from pipeline.stage import (
+    REPO_ROOT, build_parser, chip_dataset, holds_weights_lock, parent_digest, prepare_stage, train_val_rows,
+)
 from pipeline.submission import new_run_dir, print_score_report, report_json, score_submission, write_submission
-from pipeline.tta import predict_tta
 
 STAGE = "infer"
 PARENT = "sar_final"
 DEFAULT_SUBMISSIONS = REPO_ROOT / "submissions"
+DETECTOR_FILE = "ood_detector.npz"
 
 
 def find_fresh_submission(submissions: Path, inputs: dict) -> Path | None:
@@ -50,41 +55,6 @@ def mark_latest(submissions: Path, run_dir: Path) -> None:
     atomic_write_text(submissions / "latest.txt", run_dir.name + "\n")
 
 
-@torch.no_grad()
-def predict(
-    model: torch.nn.Module, dataset: ChipDataset, cfg: dict, device: torch.device
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """TTA class scores, raw logits and embeddings of every test chip, streamed in batches (sharded
-    across ranks, gathered). Class scores decide labels (mean logits or log mean probabilities, as
-    `infer.tta.average` says); the mean raw logits are what OOD scores are computed from."""
-    sampler = distributed.ShardSampler(len(dataset)) if distributed.is_distributed() else None
-    loader = torch.utils.data.DataLoader(dataset, batch_size=int(cfg["batch_size"]), sampler=sampler, shuffle=False)
-    tta = cfg["tta"]
-    scores, logits, embs, index = [], [], [], []
-    for batch in loader:
-        x = batch["image"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = predict_tta(model, x, list(tta["views"]), [float(s) for s in tta["scales"]], str(tta["average"]))
-        scores.append(out.class_scores.float().cpu())
-        logits.append(out.logits.float().cpu())
-        embs.append(out.embeddings.float().cpu())
-        index.append(batch["index"])
-    scores_np = torch.cat(scores).numpy().astype(np.float64)
-    logits_np = torch.cat(logits).numpy().astype(np.float64)
-    embs_np = torch.cat(embs).numpy().astype(np.float32)
-    index_np = torch.cat(index).numpy().astype(np.int64)
-    if distributed.is_distributed():
-        scores_np, logits_np, embs_np, index_np = distributed.all_gather_arrays(scores_np, logits_np, embs_np, index_np)
-    order = np.argsort(index_np, kind="stable")
-    return scores_np[order], logits_np[order], embs_np[order]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 @exit_on_user_error
 @holds_weights_lock
 def main(argv: list[str] | None = None) -> int:
@@ -101,10 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     parents = {PARENT: parent_digest(ctx, PARENT)}
+    ood = cfg["ood"]
+    detector, choice = resolve_detector(ood, ctx.weights_dir, parents[PARENT], seed=ctx.seed)
     inputs = {
         "config": ctx.recorded_config, "train_fingerprint": ctx.packed.train_fingerprint,
         "test_fingerprint": ctx.packed.test_fingerprint, "parents": parents,
     }
+    if choice is not None:  # infer.ood.method auto: the chosen detector is an input too
+        inputs["ood_choice"] = {"method": detector.name, "params": detector.params()}
     if args.skip_fresh:
         earlier = find_fresh_submission(args.submissions, inputs)
         if earlier is not None:
@@ -140,8 +114,17 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         voting = no_vote(probs)
-    ood = cfg["ood"]
-    score = ood_score(logits, ood["method"], ood["temperature"])
+    fit_start, fitted_on = time.perf_counter(), 0
+    if detector.needs_fit:  # fitted once on the training split, with the test chips' TTA averaging
+        train_rows, _ = train_val_rows(ctx, "sar")
+        ctx.console.print(f"{STAGE}: fitting the {detector.describe()} OOD detector on {len(train_rows)} training chips")
+        fit_on_split(
+            detector, model, chip_dataset(ctx, "sar", train_rows, augment=False),
+            ctx.packed.train_index["class_id"].to_numpy()[train_rows], cfg, ctx.device,
+        )
+        fitted_on = len(train_rows)
+    fit_seconds = time.perf_counter() - fit_start
+    score = detector.score(logits=logits, embeddings=embeddings)
     energy = ood_score(logits, "energy", ood["temperature"])
 
     ids = test["image_id"].to_numpy().astype(np.int64)
@@ -156,7 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "inputs": inputs, "model": spec, "dataset": {"root": str(Path(args.data).resolve()), "kind": ctx.layout.kind,
         "classes": list(ctx.layout.classes.names)}, "num_test": int(len(ids)),
-        "ood_method": ood["method"], "votes_changed": int(voting.changed.sum()),
+        "ood_method": detector.name, "ood": {
+            "method": ood["method"], "detector": detector.name, "params": detector.params(),
+            "state_file": DETECTOR_FILE, "fitted_on_chips": fitted_on,
+            "fit_seconds": fit_seconds,
+            "choice": None if choice is None else {k: choice.get(k) for k in ("method", "params", "mean_auroc", "time")},
+        },
+        "votes_changed": int(voting.changed.sum()),
         "clusters": int(voting.k),
         "views": len(cfg["tta"]["views"]) * len(cfg["tta"]["scales"]),
         "predict_seconds": predict_seconds, "images_per_s": len(ids) / max(predict_seconds, 1e-9),
@@ -166,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed.cleanup()
         return 0
     run_dir = new_run_dir(args.submissions, args.run)
+    save_detector(detector, run_dir / DETECTOR_FILE)  # results.csv, written last, marks a complete folder
     known = labels >= -1
     if known.all():
         truth = pd.DataFrame({"image_id": ids, "class_id": labels})

@@ -1,8 +1,8 @@
 """Benchmark: the inference stage's options on one trained model (weights/sar_final).
 
 Runs `stages.infer` once per variant (TTA on/off, 8 views, cluster voting on/off, energy / MSP /
-max-logit OOD score) into a temporary submissions folder and prints accuracy, AUROC, competition
-score, labels changed by voting and images/s. Needs test labels (the synthetic test_truth.csv or a
+max-logit / KNN / Mahalanobis / ViM OOD score) into a temporary submissions folder and prints
+accuracy, AUROC, competition score, labels changed by voting and images/s. Needs test labels (the synthetic test_truth.csv or a
 labelled generic test split).
 
     python -m pipeline.bench.infer --data data/synthetic --weights weights --profile quick
@@ -31,6 +31,9 @@ VARIANTS: dict[str, list[str]] = {
     f"{len(VIEW_NAMES)} views": [f"infer.tta.views=[{', '.join(VIEW_NAMES)}]"],
     "OOD: msp": ["infer.ood.method=msp"],
     "OOD: maxlogit": ["infer.ood.method=maxlogit"],
+    "OOD: knn": ["infer.ood.method=knn"],
+    "OOD: mahalanobis": ["infer.ood.method=mahalanobis"],
+    "OOD: vim": ["infer.ood.method=vim"],
 }
 
 

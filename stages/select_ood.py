@@ -1,0 +1,117 @@
+"""Choose the OOD detector on validation data, one training class left out at a time.
+
+Embeds the training and validation splits of weights/sar_final with the infer stage's TTA (cached in
+weights/ood_embeddings.npz), then for each class c refits every candidate detector (and, for the ones
+that read logits, a logistic-regression head) without c and measures the AUROC of c's validation
+chips against the others. Prints detector x mean AUROC +- standard error over the left-out classes and
+writes the winner to weights/ood_choice.json, which infer uses when infer.ood.method is auto.
+Test chips and test labels are never read.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from rich.table import Table
+
+from pipeline import distributed
+from pipeline.artifacts import code_version, load_artifact
+from pipeline.errors import UserError, exit_on_user_error
+from pipeline.inference import predict
+from pipeline.models import model_from_spec
+from pipeline.ood.fit import write_choice
+from pipeline.ood.select import best, candidates, leave_one_class_out
+from pipeline.stage import build_parser, chip_dataset, parent_digest, prepare_stage, split_digest, train_val_rows
+
+STAGE = "select_ood"
+PARENT = "sar_final"
+CACHE_FILE = "ood_embeddings.npz"
+
+
+def cached_outputs(path: Path, key: dict, compute) -> dict[str, np.ndarray]:
+    """Arrays from `path` when it was written for `key`, else `compute()` saved there."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if str(data["key"]) == digest:
+                    return {k: data[k] for k in data.files if k != "key"}
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable or stale: recompute
+    arrays = compute()
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, key=np.array(digest), **arrays)
+    tmp.replace(path)
+    return arrays
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser(STAGE, __doc__, training=False).parse_args(argv)
+    if distributed.is_distributed():
+        raise UserError(f"{STAGE} runs as one process: python -m stages.{STAGE} (not torchrun)")
+    ctx = prepare_stage(STAGE, args)
+    cfg, infer_cfg = ctx.stage_cfg, ctx.cfg["infer"]
+    cands = candidates(cfg)  # a bad candidate list stops here, before any embedding
+    model_sha = parent_digest(ctx, PARENT)
+    train_rows, val_rows = train_val_rows(ctx, "sar")
+    labels = ctx.packed.train_index["class_id"].to_numpy()
+
+    def embed() -> dict[str, np.ndarray]:
+        state, manifest = load_artifact(ctx.weights_dir, PARENT, ctx.packed.train_fingerprint)
+        model = model_from_spec(manifest["model"])
+        model.load_state_dict(state)
+        model.to(ctx.device).eval()
+        ctx.console.print(f"{STAGE}: embedding {len(train_rows)} training and {len(val_rows)} validation chips with TTA")
+        out = {}
+        for split, rows in (("train", train_rows), ("val", val_rows)):
+            _, _, emb = predict(model, chip_dataset(ctx, "sar", rows, augment=False), infer_cfg, ctx.device)
+            out[f"{split}_emb"], out[f"{split}_labels"] = emb, labels[rows]
+        return out
+
+    key = {"model_sha256": model_sha, "tta": infer_cfg["tta"], "split_sha256": split_digest(ctx),
+           "train_fingerprint": ctx.packed.train_fingerprint, "rows": [len(train_rows), len(val_rows)]}
+    data = cached_outputs(ctx.weights_dir / CACHE_FILE, key, embed)
+
+    names = list(ctx.layout.classes.names)
+    results = leave_one_class_out(
+        data["train_emb"], data["train_labels"], data["val_emb"], data["val_labels"], cands,
+        infer_cfg["ood"], head_c=float(cfg["head_c"]), max_per_class=cfg["max_per_class"], seed=ctx.seed,
+    )
+    winner = best(results)
+    left_out = [names[c] for c in results[0].per_class]
+    table = Table(title=f"OOD detectors, one training class left out at a time ({len(left_out)} classes, validation split)")
+    for column in ("detector", "mean AUROC", "± s.e.", "worst left-out class"):
+        table.add_column(column, justify="left" if column == "detector" else "right")
+    for r in results:
+        worst = min(r.per_class, key=r.per_class.get)
+        table.add_row(r.candidate.label + (" *" if r is winner else ""), f"{r.mean:.4f}", f"{r.se:.4f}",
+                      f"{names[worst]} {r.per_class[worst]:.3f}")
+    ctx.console.print(table)
+
+    choice = {
+        "method": winner.candidate.method, "params": winner.candidate.params, "label": winner.candidate.label,
+        "mean_auroc": winner.mean, "se": winner.se, "model_sha256": model_sha, "split_sha256": key["split_sha256"],
+        "tta": infer_cfg["tta"], "ood_config": infer_cfg["ood"], "config": ctx.recorded_config,
+        "left_out": left_out,
+        "table": [{"label": r.candidate.label, "method": r.candidate.method, "params": r.candidate.params,
+                   "mean_auroc": r.mean, "se": r.se,
+                   "per_class": {names[c]: a for c, a in r.per_class.items()}} for r in results],
+        "code_version": code_version(),
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = write_choice(ctx.weights_dir, choice)
+    ctx.console.print(
+        f"[green]{STAGE}[/]: chose {winner.candidate.label} (mean AUROC {winner.mean:.4f} ± {winner.se:.4f}); "
+        f"wrote {path} (used when infer.ood.method is auto)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

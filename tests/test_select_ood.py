@@ -1,0 +1,177 @@
+"""OOD selection with classes left out: the library on toy embeddings, the stage on tiny data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.errors import UserError
+from pipeline.metrics import auroc
+from pipeline.ood.knn import capped_rows
+from pipeline.ood.select import Candidate, best, candidates, leave_one_class_out, refit_head
+
+D = 8
+
+
+def _toy(seed: int = 0, n_per_class: int = 30):
+    rng = np.random.default_rng(seed)
+    centres = np.zeros((3, D))
+    centres[[0, 1, 2], [0, 1, 2]] = 5.0
+    labels = np.repeat(np.arange(3), n_per_class)
+    return centres[labels] + rng.normal(0.0, 0.3, (len(labels), D)), labels
+
+
+def test_refit_head_is_a_linear_head_on_raw_embeddings() -> None:
+    emb, labels = _toy(seed=5)
+    for keep in ([0, 1, 2], [0, 2]):  # three classes and the two-class special case
+        rows = np.isin(labels, keep)
+        weight, bias, classes = refit_head(emb[rows], labels[rows])
+        assert weight.shape == (len(keep), D) and list(classes) == keep
+        predicted = classes[(emb[rows] @ weight.T + bias).argmax(axis=1)]
+        assert (predicted == labels[rows]).mean() > 0.95
+
+
+def test_leave_one_class_out_measures_auroc_on_validation_and_picks_the_best() -> None:
+    rng = np.random.default_rng(6)
+    centres = rng.normal(0.0, 4.0, (4, D))
+    tr_y, va_y = np.repeat(np.arange(4), 25), np.repeat(np.arange(4), 10)
+    tr_x = centres[tr_y] + rng.normal(0.0, 0.5, (len(tr_y), D))
+    va_x = centres[va_y] + rng.normal(0.0, 0.5, (len(va_y), D))
+    cands = candidates({"candidates": ["energy", "msp", "knn", "mahalanobis", "vim"], "knn_k": [1, 3]})
+    assert [c.label for c in cands] == ["energy", "msp", "knn(k=1)", "knn(k=3)", "mahalanobis", "vim"]
+    results = leave_one_class_out(tr_x, tr_y, va_x, va_y, cands, {}, max_per_class=20)
+    for r in results:
+        assert sorted(r.per_class) == [0, 1, 2, 3]
+    by_label = {r.candidate.label: r for r in results}
+    # well-separated clusters: a left-out class is far from the others' training embeddings
+    assert by_label["knn(k=1)"].mean > 0.95 and by_label["mahalanobis"].mean > 0.95
+    # by hand for one left-out class: knn(k=1) refitted without class 2, class 2's chips as OOD
+    tr = np.flatnonzero(tr_y != 2)
+    kept = capped_rows(tr_y, 20, 0)
+    kept = kept[tr_y[kept] != 2]
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    score = (unit(va_x) @ unit(tr_x[kept]).T).max(axis=1)
+    assert by_label["knn(k=1)"].per_class[2] == pytest.approx(auroc(va_y != 2, score), abs=1e-9)
+    assert len(tr) > len(kept)  # the cap was applied
+    assert best(results) is max(results, key=lambda r: r.mean)
+    tie = [type(results[0])(Candidate("a", "energy"), {0: 0.7}), type(results[0])(Candidate("b", "msp"), {0: 0.7})]
+    assert best(tie).candidate.label == "a"
+    with pytest.raises(UserError, match="at least 3"):
+        leave_one_class_out(tr_x[tr_y < 2], tr_y[tr_y < 2], va_x, va_y, cands, {})
+
+
+# ----------------------------------------------------------------------------- stages on tiny data
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Tiny synthetic data WITHOUT test_truth.csv, and the three training stages run on it."""
+    from pipeline.data.synth import generate
+    from stages import distill_sar, finetune_head, pretrain_eo
+
+    root = tmp_path_factory.mktemp("ood_stages")
+    generate(root / "data", "tiny", seed=5)
+    (root / "data" / "test_truth.csv").unlink()  # no test labels anywhere from here on
+    for stage in (pretrain_eo, distill_sar, finetune_head):
+        assert stage.main(_argv(root)) == 0
+    return root
+
+
+def _argv(root, *extra: str) -> list[str]:
+    return ["--data", str(root / "data"), "--profile", "tiny", "--weights", str(root / "weights"),
+            "--cache-dir", str(root / "cache"), *extra]
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ")
+    return err[-1]
+
+
+def test_infer_with_knn_scores_equal_a_detector_refitted_by_hand(trained, capsys):
+    import json
+
+    import pandas as pd
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.data.datasets import ChipDataset
+    from pipeline.models import model_from_spec
+    from pipeline.ood import load_detector
+    from pipeline.stage import build_parser, prepare_stage, train_val_rows
+    from pipeline.tta import predict_tta
+    from stages import infer
+
+    subs = trained / "subs"
+    assert infer.main(_argv(trained, "--submissions", str(subs), "--run", "knn",
+                            "--set", "infer.ood.method=knn", "--set", "infer.ood.knn_k=2")) == 0
+    run = subs / "knn"
+    results = pd.read_csv(run / "results.csv")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["ood"]["detector"] == "knn" and summary["ood"]["params"]["k"] == 2
+    assert summary["ood"]["state_file"] == "ood_detector.npz"
+
+    # by hand: the final model, the training split, TTA-averaged embeddings, brute-force 2-NN cosine
+    weights = trained / "weights"
+    spec = json.loads((weights / "sar_final.json").read_text())["model"]
+    model = model_from_spec(spec)
+    model.load_state_dict(load_file(str(weights / "sar_final.safetensors")))
+    model.eval()
+    ctx = prepare_stage("infer", build_parser("infer", None, training=False).parse_args(_argv(trained)))
+    train_rows, _ = train_val_rows(ctx, "sar")
+    assert summary["ood"]["fitted_on_chips"] == len(train_rows)
+    tta = ctx.cfg["infer"]["tta"]
+    norm = (spec["norm"]["mean"], spec["norm"]["std"])
+
+    def embed(images, rows):
+        ds = ChipDataset(images, rows, np.zeros(len(rows), np.int64), norm=norm)
+        x = torch.stack([ds[i]["image"] for i in range(len(ds))])
+        return predict_tta(model, x, list(tta["views"]), list(tta["scales"]), tta["average"]).embeddings.numpy()
+
+    bank = embed(ctx.packed.train_sar, ctx.packed.train_index["sar_row"].to_numpy()[train_rows])
+    test = embed(ctx.packed.test_sar, ctx.packed.test_index["sar_row"].to_numpy())
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    expected = np.sort(unit(test) @ unit(bank).T, axis=1)[:, -2]
+    by_id = results.set_index("image_id")["score"]
+    np.testing.assert_allclose(by_id.loc[ctx.packed.test_index["image_id"].to_numpy()].to_numpy(), expected, atol=1e-4)
+    assert np.ptp(expected) > 1e-3  # the comparison is not between constants
+    saved = load_detector(run / "ood_detector.npz")
+    np.testing.assert_allclose(saved.score(embeddings=test), expected, atol=1e-4)
+
+
+def test_select_ood_runs_without_test_labels_and_infer_auto_uses_its_choice(trained, capsys):
+    import json
+
+    from pipeline.ood import DETECTORS
+    from stages import infer, select_ood
+
+    assert not (trained / "data" / "test_truth.csv").exists()
+    fewer = ("--set", "select_ood.candidates=[energy,knn]")  # every detector: the toy test above; here the plumbing
+    assert select_ood.main(_argv(trained, *fewer)) == 0
+    out = capsys.readouterr().out
+    assert "mean AUROC" in out and "embedding" in out
+    choice = json.loads((trained / "weights" / "ood_choice.json").read_text())
+    assert choice["method"] in DETECTORS
+    labels = [row["label"] for row in choice["table"]]
+    assert labels == ["energy", "knn(k=1)", "knn(k=2)"]
+    assert len(choice["left_out"]) >= 3
+    for row in choice["table"]:
+        assert set(row["per_class"]) == set(choice["left_out"])
+    assert choice["mean_auroc"] == max(row["mean_auroc"] for row in choice["table"])
+
+    assert select_ood.main(_argv(trained, *fewer)) == 0  # the second run reads the cached embeddings
+    assert "embedding" not in capsys.readouterr().out
+
+    subs = trained / "subs"
+    assert infer.main(_argv(trained, "--submissions", str(subs), "--run", "auto", "--set", "infer.ood.method=auto")) == 0
+    summary = json.loads((subs / "auto" / "summary.json").read_text())
+    assert summary["ood"]["detector"] == choice["method"]
+    assert summary["ood"]["method"] == "auto" and summary["inputs"]["ood_choice"]["method"] == choice["method"]
+    for key, value in choice["params"].items():
+        assert summary["ood"]["params"][key] == value
+
+    (trained / "weights" / "ood_choice.json").write_text(json.dumps({**choice, "model_sha256": "0" * 64}))
+    with pytest.raises(SystemExit):
+        infer.main(_argv(trained, "--submissions", str(subs), "--set", "infer.ood.method=auto"))
+    line = _error_line(capsys)
+    assert "another sar_final" in line and "stages.select_ood" in line
