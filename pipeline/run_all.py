@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from pipeline.artifacts import ARTIFACT_OF_STAGE, ArtifactPaths
 from pipeline.config import STAGES
 from pipeline.errors import UserError, exit_on_user_error
+from pipeline.log import make_console, rule
+from pipeline.status import read_status
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT / "data" / "synthetic"
@@ -61,7 +67,25 @@ def selected_stages(args: argparse.Namespace) -> list[str]:
     return list(STAGES[start:])
 
 
-def stage_command(stage: str, args: argparse.Namespace, data: Path) -> list[str]:
+def check_gpus(args: argparse.Namespace) -> None:
+    """--gpus N > 1 needs N CUDA devices, unless --device cpu asks for N CPU processes (gloo).
+
+    Checked before torchrun starts, so too many processes end with one line instead of every
+    process's traceback.
+    """
+    if args.gpus < 1:
+        raise UserError("--gpus must be at least 1")
+    if args.gpus == 1 or args.device == "cpu":
+        return
+    visible = torch.cuda.device_count()
+    if visible < args.gpus:
+        raise UserError(
+            f"--gpus {args.gpus}: more processes than GPUs ({visible} CUDA device(s) visible): "
+            f"use --gpus {max(visible, 1)} or fewer, or --device cpu for {args.gpus} CPU processes"
+        )
+
+
+def stage_command(stage: str, args: argparse.Namespace, data: Path, status_file: Path | None = None) -> list[str]:
     launcher = [sys.executable, "-m"]
     if args.gpus > 1 and stage in STAGES:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}", "-m"]
@@ -81,6 +105,8 @@ def stage_command(stage: str, args: argparse.Namespace, data: Path) -> list[str]
         cmd.append("--resume")
     if stage == "infer":
         cmd += ["--submissions", str(args.submissions)]
+    if status_file is not None:
+        cmd += ["--status-file", str(status_file)]
     return cmd
 
 
@@ -99,15 +125,47 @@ def ensure_data(args: argparse.Namespace, console: Console) -> Path:
     return DEFAULT_DATA
 
 
-def stage_metric(stage: str, weights: Path) -> str:
+def stage_metric(stage: str, weights: Path, dataset_fingerprint: str | None) -> str:
+    """The validation balanced accuracy of the stage's artifact, if it was made from this dataset."""
     artifact = ARTIFACT_OF_STAGE.get(stage)
     if artifact is None:
         return ""
     path = ArtifactPaths.of(weights, artifact).manifest
-    if not path.is_file():
+    if dataset_fingerprint is None or not path.is_file():
         return "-"
-    value = json.loads(path.read_text()).get("metrics", {}).get("balanced_accuracy")
-    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "-"
+    if manifest.get("dataset_fingerprint") != dataset_fingerprint:
+        return "-"  # left by a run on another dataset: not this run's result
+    value = manifest.get("metrics", {}).get("balanced_accuracy")
+    return f"{value:.3f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
+
+
+def stage_status(before: tuple[int, str] | None, after: tuple[int, str] | None, reported: dict[str, Any]) -> str:
+    """ran / up to date / skipped (why) / no output, from the stage's own report and its output before and after."""
+    if reported.get("skipped"):
+        return f"skipped ({reported['skipped']})"
+    if after is None:
+        return "no output"
+    return "ran" if after != before else "up to date"
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def score_line(score: dict[str, Any]) -> str:
+    """One line of a submission's local score; without OOD test chips AUROC (and so the score) is n/a."""
+    accuracy, balanced = _number(score.get("accuracy")), _number(score.get("balanced_accuracy"))
+    auroc, competition = _number(score.get("auroc")), _number(score.get("competition_score"))
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    if auroc is None:
+        return (f"submission: accuracy {fmt(accuracy)}  balanced accuracy {fmt(balanced)}  "
+                "AUROC n/a (no out-of-distribution test chips)")
+    return (f"submission: accuracy {fmt(accuracy)}  AUROC {fmt(auroc)}  competition score {fmt(competition)}  "
+            f"(balanced accuracy {fmt(balanced)})")
 
 
 def stage_output_stamp(stage: str, args: argparse.Namespace) -> tuple[int, str] | None:
@@ -130,50 +188,51 @@ def latest_submission(submissions: Path) -> Path | None:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console()
-    if args.gpus < 1:
-        raise UserError("--gpus must be at least 1")
+    console = make_console()
+    check_gpus(args)
     data = ensure_data(args, console)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     rows = []
     total_start = time.perf_counter()
-    for stage in selected_stages(args):
-        console.rule(f"[bold]{stage}")
-        before = stage_output_stamp(stage, args)
-        start = time.perf_counter()
-        rc = subprocess.call(stage_command(stage, args, data), cwd=REPO_ROOT, env=env)
-        seconds = time.perf_counter() - start
-        after = stage_output_stamp(stage, args)
-        status = "no output" if after is None else ("ran" if after != before else "up to date")
-        rows.append((stage, seconds, status))
-        if rc != 0:
-            console.print(
-                f"[red]run_all: stage {stage} failed (exit {rc}); earlier artifacts are kept. "
-                f"Fix the cause and rerun the same command: finished stages are skipped.[/]"
-            )
-            return rc
+    with tempfile.TemporaryDirectory(prefix="run_all-status-") as status_dir:
+        for stage in selected_stages(args):
+            rule(console, f"[bold]{stage}")
+            status_file = Path(status_dir) / f"{stage}.json"
+            before = stage_output_stamp(stage, args)
+            start = time.perf_counter()
+            rc = subprocess.call(stage_command(stage, args, data, status_file), cwd=REPO_ROOT, env=env)
+            seconds = time.perf_counter() - start
+            reported = read_status(status_file)
+            status = stage_status(before, stage_output_stamp(stage, args), reported)
+            metric = "" if reported.get("skipped") else stage_metric(stage, args.weights, reported.get("dataset_fingerprint"))
+            rows.append((stage, seconds, status, metric))
+            if rc != 0:
+                console.print(
+                    f"[red]run_all: stage {stage} failed (exit {rc}); earlier artifacts are kept. "
+                    f"Fix the cause and rerun the same command: finished stages are skipped.[/]"
+                )
+                return rc
+    console.print(summary_table(rows, time.perf_counter() - total_start))
+    run = latest_submission(args.submissions) if "infer" in [r[0] for r in rows] else None
+    if run is not None:
+        summary = json.loads((run / "summary.json").read_text())
+        score = summary.get("score")
+        console.print(score_line(score) if score else "submission: no test labels available, not scored", highlight=False)
+        console.print(f"results: {run / 'results.csv'}", highlight=False)
+    return 0
+
+
+def summary_table(rows: list[tuple[str, float, str, str]], total_seconds: float) -> Table:
+    """One row per stage (status, seconds, validation balanced accuracy of its artifact) and the total."""
     table = Table(title="run_all summary")
     table.add_column("stage")
     table.add_column("status")
     table.add_column("time (s)", justify="right")
     table.add_column("val balanced acc", justify="right")
-    for stage, seconds, status in rows:
-        table.add_row(stage, status, f"{seconds:.1f}", stage_metric(stage, args.weights))
-    table.add_row("total", "", f"{time.perf_counter() - total_start:.1f}", "")
-    console.print(table)
-    run = latest_submission(args.submissions) if "infer" in [r[0] for r in rows] else None
-    if run is not None:
-        summary = json.loads((run / "summary.json").read_text())
-        score = summary.get("score")
-        if score:
-            console.print(
-                f"submission: accuracy {score['accuracy']:.4f}  AUROC {score['auroc']:.4f}  "
-                f"competition score {score['competition_score']:.4f}  (balanced accuracy {score['balanced_accuracy']:.4f})"
-            )
-        else:
-            console.print("submission: no test labels available, not scored")
-        console.print(f"results: {run / 'results.csv'}")
-    return 0
+    for stage, seconds, status, metric in rows:
+        table.add_row(stage, status, f"{seconds:.1f}", metric)
+    table.add_row("total", "", f"{total_seconds:.1f}", "")
+    return table
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ from pipeline.data.pack import PackedData, pack_dataset
 from pipeline.data.resident import ResidentBatches
 from pipeline.data.samplers import make_sampler
 from pipeline.errors import UserError
+from pipeline.log import make_console
 from pipeline.models import ChipClassifier, create_model
+from pipeline.status import write_status
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT / "data" / "synthetic"
@@ -65,6 +67,7 @@ def build_parser(stage: str, description: str | None, training: bool = True) -> 
     if training:
         parser.add_argument("--resume", action="store_true", help="continue an interrupted training run from its last epoch checkpoint")
     parser.add_argument("--skip-fresh", action="store_true", help="exit without work when the artifact is already up to date (same config, data, parents)")
+    parser.add_argument("--status-file", type=Path, default=None, help=argparse.SUPPRESS)  # run_all reads what the stage did
     return parser
 
 
@@ -126,6 +129,11 @@ class StageContext:
     def paths(self, artifact: str) -> ArtifactPaths:
         return ArtifactPaths.of(self.weights_dir, artifact)
 
+    def report(self, **fields: Any) -> None:
+        """Tell run_all what this stage did (see pipeline.status); rank 0 only, nothing when run by hand."""
+        if distributed.is_main_process():
+            write_status(getattr(self.args, "status_file", None), **fields)
+
     def skip_if_fresh(self, artifact: str, parents: dict[str, str], fingerprint: str | None = None) -> bool:
         """With --skip-fresh: True (and a line saying so) when `artifact` is up to date."""
         fp = fingerprint or self.packed.train_fingerprint
@@ -184,7 +192,7 @@ def prepare_stage(stage: str, args: argparse.Namespace, console: Console | None 
     cfg = resolve_config(args)
     device = distributed.init_from_env(select_device(args.device))
     lock_weights(stage, Path(args.weights))  # before packing: a second run stops at once
-    console = console or Console(quiet=not distributed.is_main_process())
+    console = console or make_console(quiet=not distributed.is_main_process())
     layout = discover_layout(args.data, train_dir=args.train_dir, test_dir=args.test_dir)
     if cfg["data"]["holdout_classes"]:
         layout = apply_holdout(layout, [str(c) for c in cfg["data"]["holdout_classes"]])
@@ -214,7 +222,9 @@ def prepare_stage(stage: str, args: argparse.Namespace, console: Console | None 
     weights_dir = Path(args.weights)
     if distributed.is_main_process():
         weights_dir.mkdir(parents=True, exist_ok=True)
-    return StageContext(stage, args, cfg, layout, packed, device, console, weights_dir, geometry)
+    ctx = StageContext(stage, args, cfg, layout, packed, device, console, weights_dir, geometry)
+    ctx.report(stage=stage, dataset_fingerprint=packed.train_fingerprint)
+    return ctx
 
 
 def split_rows(ctx: StageContext) -> tuple[np.ndarray, np.ndarray]:

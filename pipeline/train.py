@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline import distributed
 from pipeline.artifacts import ArtifactPaths, atomic_write, atomic_write_text
 from pipeline.errors import UserError
+from pipeline.log import live_progress, make_console
 from pipeline.metrics import classification_metrics
 
 CHECKPOINT_FORMAT = 1
@@ -345,7 +346,7 @@ class _Trainer:
         self.device = device
         self.seed = seed
         self.is_main = distributed.is_main_process()
-        self.console = (console or Console()) if self.is_main else None
+        self.console = (console or make_console()) if self.is_main else None
         self.steps = steps_per_epoch
         self.total_steps = self.cfg["epochs"] * steps_per_epoch
         self.warmup_steps = min(self.total_steps, round(self.cfg["warmup_epochs"] * steps_per_epoch))
@@ -471,7 +472,7 @@ class _Trainer:
             TextColumn("{task.fields[stats]}"),
             console=self.console,
             transient=True,
-            disable=self.console is None,
+            disable=not live_progress(self.console),  # not a terminal: `report` prints one line per epoch
         )
 
     def validate(self, val_loader: Iterable) -> tuple[dict[str, Any], dict[str, Tensor]]:

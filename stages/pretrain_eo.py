@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{STAGE}: this dataset has no EO chips (SAR-only layout), so there is no EO teacher to pretrain; "
             "nothing written. distill_sar will train the SAR model on labels alone."
         )
+        ctx.report(skipped="no EO chips")
         return 0
     if ctx.skip_if_fresh(ARTIFACT, parents={}):
         return 0

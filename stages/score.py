@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.console import Console
-
 from pipeline.artifacts import atomic_write_text
 from pipeline.classes import OFFICIAL_NAMES
 from pipeline.errors import UserError, exit_on_user_error
+from pipeline.log import make_console
 from pipeline.submission import print_score_report, read_results, read_truth, report_json, score_submission
 
 
@@ -31,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     results = read_results(path)
     report = score_submission(results, read_truth(args.truth), num_classes=args.num_classes)
     names = list(OFFICIAL_NAMES) if args.num_classes == len(OFFICIAL_NAMES) else [str(i) for i in range(args.num_classes)]
-    print_score_report(report, names, Console())
+    print_score_report(report, names, make_console())
     out = args.out or path.with_name("score.json")
     atomic_write_text(out, report_json(report))
     print(f"wrote {out}")

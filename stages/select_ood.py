@@ -25,7 +25,9 @@ from pipeline.inference import predict
 from pipeline.models import model_from_spec
 from pipeline.ood.fit import write_choice
 from pipeline.ood.select import best, candidates, leave_one_class_out
-from pipeline.stage import build_parser, chip_dataset, parent_digest, prepare_stage, split_digest, train_val_rows
+from pipeline.stage import (
+    build_parser, chip_dataset, holds_weights_lock, parent_digest, prepare_stage, split_digest, train_val_rows,
+)
 
 STAGE = "select_ood"
 PARENT = "sar_final"
@@ -51,6 +53,7 @@ def cached_outputs(path: Path, key: dict, compute) -> dict[str, np.ndarray]:
 
 
 @exit_on_user_error
+@holds_weights_lock
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(STAGE, __doc__, training=False).parse_args(argv)
     if distributed.is_distributed():

@@ -25,6 +25,13 @@ def tiny(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def teacher_weights(tiny) -> Path:
+    """The EO teacher of the `tiny` dataset, trained once for this module (weights in tiny/weights)."""
+    assert pretrain_eo.main(argv(tiny)) == 0
+    return tiny / "weights"
+
+
 def argv(root: Path, *extra: str, data: Path | None = None) -> list[str]:
     return ["--data", str(data or root / "data"), "--profile", "tiny", "--weights", str(root / "weights"),
             "--cache-dir", str(root / "cache"), *extra]
@@ -43,9 +50,16 @@ def test_distill_without_teacher_names_pretrain_eo(tiny, capsys, tmp_path):
     assert "stages.pretrain_eo" in error_line(capsys)
 
 
-def test_stage_chain_manifests_and_frozen_parts(tiny, capsys):
-    assert pretrain_eo.main(argv(tiny)) == 0
-    weights = tiny / "weights"
+def assert_plain_log(out: str, epochs: int) -> None:
+    """stdout is not a terminal here: one plain line per epoch, no blank lines, no table cell cut short."""
+    lines = out.splitlines()
+    assert all(line.strip() for line in lines), "blank lines in the log"
+    assert "…" not in out
+    assert [line.split()[1] for line in lines if line.startswith("epoch ")] == [f"{e}/{epochs}" for e in range(1, epochs + 1)]
+
+
+def test_stage_chain_manifests_and_frozen_parts(tiny, teacher_weights, capsys):
+    weights = teacher_weights
     teacher = json.loads((weights / "eo_teacher.json").read_text())
     for field in ("stage", "config", "model", "dataset_fingerprint", "parents", "metrics", "code_version", "time", "weights_sha256", "split_sha256"):
         assert field in teacher
@@ -54,7 +68,9 @@ def test_stage_chain_manifests_and_frozen_parts(tiny, capsys):
     assert (weights / "eo_teacher.metrics.csv").read_text().count("\n") >= 2
     teacher_bytes = (weights / "eo_teacher.safetensors").read_bytes()
 
-    assert distill_sar.main(argv(tiny)) == 0
+    capsys.readouterr()
+    assert distill_sar.main(argv(tiny, "--set", "distill_sar.epochs=2")) == 0
+    assert_plain_log(capsys.readouterr().out, epochs=2)
     student = json.loads((weights / "sar_student.json").read_text())
     assert student["parents"] == {"eo_teacher": teacher["weights_sha256"]}
     assert student["distilled"] is True
@@ -78,13 +94,13 @@ def test_stage_chain_manifests_and_frozen_parts(tiny, capsys):
     assert exc.value.code == 2 and "first" in error_line(capsys)
 
 
-def test_foreign_teacher_is_refused(tiny, capsys, tmp_path):
+def test_foreign_teacher_is_refused(tiny, teacher_weights, capsys, tmp_path):
     other = tmp_path / "other"
     generate(other, "tiny", seed=6)
     weights = tmp_path / "w"
     weights.mkdir()
-    for f in (tiny / "weights").glob("eo_teacher.*"):
-        shutil.copy(f, weights / f.name)
+    for suffix in (".safetensors", ".json"):  # a teacher trained on `tiny`, intact
+        shutil.copy(teacher_weights / f"eo_teacher{suffix}", weights)
     with pytest.raises(SystemExit) as exc:
         distill_sar.main(argv(tiny, "--weights", str(weights), data=other))
     assert exc.value.code == 2

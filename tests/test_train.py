@@ -299,3 +299,31 @@ def test_two_process_gloo_run_keeps_replicas_in_sync(tmp_path) -> None:
     assert np.array_equal(np.load(tmp_path / "gathered1.npy"), [0, 1, 1])
     assert len(list(csv.DictReader(open(tmp_path / "ddp.metrics.csv")))) == 1
     assert len(list(csv.DictReader(open(tmp_path / "distill.metrics.csv")))) == 1
+
+
+def test_log_not_a_terminal_one_line_per_epoch_and_whole_tables(tmp_path, capsys) -> None:
+    """Issue 9 item 10: stdout to a file or CI: no progress-bar blank lines, tables never cut at 80 columns."""
+    teacher, student = _model(seed=5), _model(seed=6)
+    criterion = DistillationLoss(
+        FocalLoss(gamma=2.0), {"temperature": 4.0, "kd_weight": 1.0, "feature_weight": 0.5, "feature_loss": "cosine"},
+        student.embed_dim, teacher.embed_dim,
+    )
+    train, val = _loaders(paired=True)
+    capsys.readouterr()
+    result = fit(DistillTask(student, teacher, criterion), train, val, _cfg(epochs=2), NUM_CLASSES,
+                 ArtifactPaths.of(tmp_path, "log"), CPU, seed=0)  # console=None: the default console on stdout
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(line.strip() for line in lines), "blank lines in the log"
+    epoch_lines = [line for line in lines if line.startswith("epoch ") and "/2" in line]
+    assert [line.split()[1] for line in epoch_lines] == ["1/2", "2/2"]  # exactly one line per epoch
+    for row in result.history:  # each whole on its own line: not wrapped, not cut
+        line = epoch_lines[row["epoch"] - 1]
+        assert f"lr {row['lr']:.2e}" in line and f"bal acc {row['val_balanced_accuracy']:.4f}" in line
+    assert "…" not in "\n".join(lines), "a table cell was cut"
+    table_rows = [line for line in lines if line.startswith("│")]
+    assert len(table_rows) == 2
+    for row, line in zip(result.history, table_rows):
+        cells = [c.strip() for c in line.strip("│").split("│")]
+        assert cells[0].rstrip(" *") == str(row["epoch"])
+        assert f"{row['train_kd']:.4f}" in cells and f"{row['lr']:.2e}" in cells
+        assert f"{row['val_macro_f1']:.4f}" in cells and f"{row['epoch_seconds']:.1f}" in cells

@@ -34,6 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline.data.layout import DatasetLayout, TestItem, TrainItem
 from pipeline.errors import UserError
+from pipeline.log import make_console
 
 PACK_VERSION = 1
 INTERPOLATIONS = {
@@ -219,7 +220,8 @@ class _Decoder:
             self._pool = ProcessPoolExecutor(self.workers, mp_context=_pool_context(), initializer=_init_worker)
             self._pool.submit(int).result()  # start the workers now, before the progress thread runs
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=self.console, transient=True) as progress:
+        live = self.console.is_terminal  # in a log a transient bar leaves only blank lines
+        with Progress(*columns, console=self.console, transient=True, disable=not live) as progress:
             task = progress.add_task(f"packing {label}", total=len(paths))
             if self._pool is None or not parallel:
                 _init_worker()
@@ -572,7 +574,7 @@ def pack_dataset(
     """Decode the layout's chips once (or reuse the cached pack) and return read-only memmaps + index.
 
     Chips are brought to eo_size / sar_size by `fit` (resize | crop | pad, see fit_chip)."""
-    console = console or Console(stderr=True)
+    console = console or make_console(stderr=True)
     interpolation = _check_settings(eo_size, sar_size, interpolation, (eo_fit, sar_fit))
     search_roots, build_root = _pack_roots(cache_dir)
     test_settings = {"version": PACK_VERSION, "sar_size": int(sar_size), "interpolation": interpolation}
