@@ -45,6 +45,10 @@ CANDIDATES: dict[str, list[str]] = {
     "flips-rot90": ["augment.hflip=true", "augment.vflip=true", "augment.rot90=true",
                     "infer.tta.views=[identity,hflip,vflip,rot90,rot180,rot270]"],
     "epochs-12": ["distill_sar.epochs=12"],
+    "epochs-40": ["distill_sar.epochs=40"],
+    "intensity-log": ["data.intensity=log"],
+    "intensity-none": ["data.intensity=none"],
+    "window-1.0": ["data.sar_auto_fraction=1.0"],
 }
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
