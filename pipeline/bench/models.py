@@ -49,6 +49,7 @@ CANDIDATES: dict[str, list[str]] = {
     "intensity-log": ["data.intensity=log"],
     "intensity-none": ["data.intensity=none"],
     "window-1.0": ["data.sar_auto_fraction=1.0"],
+    "margin-0.2": ["data.sar_margin=0.2"],
 }
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
