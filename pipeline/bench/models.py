@@ -25,6 +25,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.log import make_console
+
 # Candidates as overrides on the chosen profile; the profile's own recipe is "profile".
 CANDIDATES: dict[str, list[str]] = {
     "profile": [],
@@ -131,7 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
         parser.error(f"unknown candidate(s) {', '.join(unknown)}; choose from {', '.join(CANDIDATES)}")
-    console = Console()
+    console = make_console()
+    if not args.data.is_dir() and args.data == REPO_ROOT / "data" / "synthetic":  # as run_all does
+        subprocess.check_call([sys.executable, "-m", "pipeline.data.synth", "--out", str(args.data), "--scale", "quick", "--seed", "0"], cwd=REPO_ROOT)
     rows: list[dict] = []
     for seed in range(args.seeds):
         for name in names:
