@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
 from pathlib import Path
@@ -148,7 +149,8 @@ def test_memmap_datasets_pickle_as_file_references(tmp_path: Path) -> None:
 
 def test_augment_config_validation() -> None:
     assert build_augmenter(None) is None and build_augmenter({}) is None
-    assert AugmentConfig.from_dict(load_config("quick")["augment"]).rot90 is True
+    section = load_config("quick")["augment"]
+    assert dataclasses.asdict(AugmentConfig.from_dict(section)) == {**dataclasses.asdict(AugmentConfig()), **section}
     with pytest.raises(UserError, match="augment.mixup"):
         build_augmenter({"mixup": 0.2})
     with pytest.raises(UserError, match="augment.shift must be a number"):

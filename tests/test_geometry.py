@@ -46,6 +46,11 @@ def test_auto_window_is_a_fraction_of_the_median_chip(tmp_path: Path) -> None:
     assert geometry == ChipGeometry(packed=64 + 2 * 6, window=64, fit="crop")  # 0.5 x 128; margin 0.1 x 64
     eo = _write(tmp_path / "eo", [31, 31, 32])
     assert resolve_geometry(DATA, "eo", [None, *eo]) == ChipGeometry(packed=31, window=31, fit="crop")
+    capped = resolve_geometry({**DATA, "sar_auto_fraction": 1.0, "sar_auto_max": 88}, "sar", sar)
+    assert capped.window == 88  # 128-px chips: the cap; smaller chips keep their whole median side
+    assert resolve_geometry({**DATA, "sar_auto_fraction": 1.0, "sar_auto_max": 88}, "sar", eo).window == 31
+    with pytest.raises(UserError, match="sar_auto_max"):
+        resolve_geometry({**DATA, "sar_auto_max": 2}, "sar", sar)
     fixed = resolve_geometry({**DATA, "sar_size": 40, "sar_margin": 3}, "sar", sar)
     assert (fixed.window, fixed.packed, fixed.margin) == (40, 46, 3)
     with pytest.raises(UserError, match="data.sar_fit"):

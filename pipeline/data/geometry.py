@@ -7,8 +7,9 @@ with black padding. The packed chip is the model window plus a translation margi
 draws a random window from it (per-sample random crops, the A-ConvNets trick), evaluation takes the
 centre window (done inside the model, see pipeline.models.ChipInput).
 
-A window of `auto` is a fraction of the median chip side, measured on a sample of image headers, so one
-profile serves ~55-px competition chips and 128-px MSTAR chips alike.
+A window of `auto` is a fraction of the median chip side, measured on a sample of image headers, at most
+`<m>_auto_max` pixels, so one profile serves ~55-px competition chips (whole chip) and 128-px MSTAR chips
+(the 88-px A-ConvNets window) alike.
 """
 
 from __future__ import annotations
@@ -71,6 +72,11 @@ def resolve_geometry(data_cfg: dict[str, Any], modality: str, paths: Iterable[Pa
             raise UserError(f"data.{modality}_auto_fraction must be in (0, 1.5], got {fraction}")
         median = median_side(paths)
         window = max(8, int(round(fraction * median))) if median else 32
+        cap = data_cfg.get(f"{modality}_auto_max")
+        if cap is not None:
+            if isinstance(cap, bool) or not isinstance(cap, int) or cap < 8:
+                raise UserError(f"data.{modality}_auto_max must be an integer >= 8 or null, got {cap!r}")
+            window = min(window, cap)
     elif isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise UserError(f"data.{modality}_size must be a positive integer or auto, got {size!r}")
     else:
