@@ -84,3 +84,12 @@ def make_generic(
                 seed += 1
                 write_image(root / split / folder / f"{i:04d}{suffix}", chip(seed, *shape))
     return root
+
+
+def toy_clusters(seed: int = 0, n_per_class: int = 30, dim: int = 8) -> tuple:
+    """Embeddings of three classes clustered on axes 0-2 (plus noise): (embeddings, labels, centres, rng)."""
+    rng = np.random.default_rng(seed)
+    centres = np.zeros((3, dim))
+    centres[[0, 1, 2], [0, 1, 2]] = 5.0
+    labels = np.repeat(np.arange(3), n_per_class)
+    return centres[labels] + rng.normal(0.0, 0.3, (len(labels), dim)), labels, centres, rng

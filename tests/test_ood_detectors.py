@@ -7,6 +7,8 @@ import pytest
 from sklearn.covariance import ledoit_wolf_shrinkage
 
 from pipeline.errors import UserError
+from fake_data import toy_clusters
+
 from pipeline.ood import DETECTORS, load_detector, make_detector, save_detector
 from pipeline.ood.knn import KNNDetector
 from pipeline.ood.mahalanobis import MahalanobisDetector
@@ -17,11 +19,7 @@ D = 8
 
 def _toy(seed: int = 0, n_per_class: int = 30):
     """Three classes clustered on axes 0-2 (plus noise) and a head that reads those axes."""
-    rng = np.random.default_rng(seed)
-    centres = np.zeros((3, D))
-    centres[[0, 1, 2], [0, 1, 2]] = 5.0
-    labels = np.repeat(np.arange(3), n_per_class)
-    emb = centres[labels] + rng.normal(0.0, 0.3, (len(labels), D))
+    emb, labels, centres, rng = toy_clusters(seed, n_per_class, D)
     weight, bias = centres * 0.4, np.array([0.1, -0.2, 0.05])
     test = np.vstack([centres[labels[::9]] + rng.normal(0.0, 0.3, (len(labels[::9]), D)), 10.0 * np.eye(D)[7:8]])
     return emb, labels, (weight, bias), test

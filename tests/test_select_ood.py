@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fake_data import toy_clusters
+
 from pipeline.errors import UserError
 from pipeline.metrics import auroc
 from pipeline.ood.knn import capped_rows
@@ -14,11 +16,8 @@ D = 8
 
 
 def _toy(seed: int = 0, n_per_class: int = 30):
-    rng = np.random.default_rng(seed)
-    centres = np.zeros((3, D))
-    centres[[0, 1, 2], [0, 1, 2]] = 5.0
-    labels = np.repeat(np.arange(3), n_per_class)
-    return centres[labels] + rng.normal(0.0, 0.3, (len(labels), D)), labels
+    emb, labels, _, _ = toy_clusters(seed, n_per_class, D)
+    return emb, labels
 
 
 def test_refit_head_is_a_linear_head_on_raw_embeddings() -> None:

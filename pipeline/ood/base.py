@@ -157,6 +157,21 @@ class OODDetector:
         """Rebuild anything derived from the arrays after `from_state` (e.g. a search index)."""
 
 
+class TemperatureDetector(OODDetector):
+    """A logit score with one setting, the temperature `infer.ood.temperature` (energy, MSP); no fitting."""
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.temperature = check_temperature(temperature)
+
+    def params(self) -> dict[str, Any]:
+        return {"temperature": self.temperature}
+
+    @classmethod
+    def from_config(cls, ood_cfg: dict[str, Any], seed: int = 0, **overrides: Any) -> "TemperatureDetector":
+        return cls(**{"temperature": ood_cfg.get("temperature", 1.0), **overrides})
+
+
 def labels_array(labels: Any, n: int) -> np.ndarray:
     """Integer labels (n,) as int64 numpy."""
     if hasattr(labels, "detach"):

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.ood.base import OODDetector, check_temperature, logits_array
+from pipeline.ood.base import TemperatureDetector, check_temperature, logits_array
 
 
 def energy_score(logits: Any, temperature: float = 1.0) -> np.ndarray:
@@ -21,21 +21,10 @@ def energy_score(logits: Any, temperature: float = 1.0) -> np.ndarray:
     return t * (peak + np.log(np.exp(z - peak[:, None]).sum(axis=1)))
 
 
-class EnergyDetector(OODDetector):
+class EnergyDetector(TemperatureDetector):
     """`energy_score` of the logits at temperature `infer.ood.temperature`."""
 
     name = "energy"
-
-    def __init__(self, temperature: float = 1.0) -> None:
-        super().__init__()
-        self.temperature = check_temperature(temperature)
-
-    def params(self) -> dict[str, Any]:
-        return {"temperature": self.temperature}
-
-    @classmethod
-    def from_config(cls, ood_cfg: dict[str, Any], seed: int = 0, **overrides: Any) -> "EnergyDetector":
-        return cls(**{"temperature": ood_cfg.get("temperature", 1.0), **overrides})
 
     def _score(self, logits: np.ndarray) -> np.ndarray:
         return energy_score(logits, self.temperature)

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.ood.base import OODDetector, check_temperature, logits_array
+from pipeline.ood.base import TemperatureDetector, check_temperature, logits_array
 
 
 def msp_score(logits: Any, temperature: float = 1.0) -> np.ndarray:
@@ -17,21 +17,10 @@ def msp_score(logits: Any, temperature: float = 1.0) -> np.ndarray:
     return 1.0 / np.exp(z).sum(axis=1)  # the top class has z = 0, so its probability is 1 / sum(exp(z))
 
 
-class MSPDetector(OODDetector):
+class MSPDetector(TemperatureDetector):
     """`msp_score` of the logits at temperature `infer.ood.temperature`."""
 
     name = "msp"
-
-    def __init__(self, temperature: float = 1.0) -> None:
-        super().__init__()
-        self.temperature = check_temperature(temperature)
-
-    def params(self) -> dict[str, Any]:
-        return {"temperature": self.temperature}
-
-    @classmethod
-    def from_config(cls, ood_cfg: dict[str, Any], seed: int = 0, **overrides: Any) -> "MSPDetector":
-        return cls(**{"temperature": ood_cfg.get("temperature", 1.0), **overrides})
 
     def _score(self, logits: np.ndarray) -> np.ndarray:
         return msp_score(logits, self.temperature)
