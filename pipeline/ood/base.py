@@ -6,6 +6,7 @@ number of chips. Imports nothing from the detector modules, so they can all impo
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 from typing import Any, ClassVar
@@ -61,7 +62,7 @@ def check_positive_int(value: Any, key: str, allow_none: bool = False) -> int | 
     return int(value)
 
 
-class OODDetector:
+class OODDetector(abc.ABC):
     """An out-of-distribution detector: `fit` on training-split outputs, then `score` any chips.
 
     SIGN CONVENTION (the one place it is stated): `score` returns float64 (N,) where a HIGHER score
@@ -110,7 +111,8 @@ class OODDetector:
         return self
 
     def _fit(self, logits: Any, embeddings: Any, labels: Any, head: tuple[Any, Any] | None) -> None:
-        raise NotImplementedError
+        """Detectors with `needs_fit` override this; the others are never fitted."""
+        raise TypeError(f"{type(self).__name__} sets needs_fit but has no _fit")
 
     def score(self, logits: Any = None, embeddings: Any = None) -> np.ndarray:
         if not self.fitted:
@@ -120,8 +122,9 @@ class OODDetector:
             raise ValueError(f"the {self.name} detector scores {self.uses}: pass {self.uses}=")
         return np.asarray(self._score(as_float_array(data, self.uses)), dtype=np.float64)
 
+    @abc.abstractmethod
     def _score(self, data: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Scores (N,) of logits or embeddings (as `uses` says); higher = more in-distribution."""
 
     # --- saving -----------------------------------------------------------------------------------
 
