@@ -30,14 +30,7 @@ from safetensors.torch import save as save_safetensors
 
 from pipeline import __version__
 from pipeline.errors import UserError
-
-# stage -> artifact it writes
-ARTIFACT_OF_STAGE = {
-    "pretrain_eo": "eo_teacher",
-    "distill_sar": "sar_student",
-    "finetune_head": "sar_final",
-}
-STAGE_OF_ARTIFACT = {v: k for k, v in ARTIFACT_OF_STAGE.items()}
+from pipeline.registry import ARTIFACT_OF_STAGE, STAGE_OF_ARTIFACT
 
 
 @dataclass(frozen=True)

@@ -1,36 +1,44 @@
-"""TTA forward over a whole dataset: class scores, raw logits and embeddings of every chip.
+"""Inference: the TTA forward over a dataset, cluster voting, the OOD score and the submission tables.
 
-Used by the infer stage on the test chips and by OOD fitting/selection on the training split, so
-that both see exactly the same TTA averaging.
+`predict` is used by the infer stage on the test chips and by OOD fitting/selection on the training
+split, so that both see exactly the same TTA averaging; `run_inference` is the infer stage's whole
+computation (forward, voting, detector fit and score) and `prediction_tables` its two output tables.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 import torch
 
 from pipeline import distributed
+from pipeline.cluster import VotingResult, check_voting_settings, cluster_vote, no_vote
+from pipeline.config import InferConfig
+from pipeline.ood import OODDetector, ood_score
+from pipeline.ood.fit import head_of
 from pipeline.tta import predict_tta
 
 
 @torch.no_grad()
 def predict(
-    model: torch.nn.Module, dataset: Any, cfg: dict, device: torch.device
+    model: torch.nn.Module, dataset: Any, cfg: InferConfig, device: torch.device
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """TTA class scores, raw logits and embeddings of every chip of `dataset`, streamed in batches
     (sharded across ranks, gathered), in dataset order. `cfg` is the infer section (batch_size, tta).
     Class scores decide labels (mean logits or log mean probabilities, as `infer.tta.average` says);
     the mean raw logits are what logit OOD scores are computed from."""
     sampler = distributed.ShardSampler(len(dataset)) if distributed.is_distributed() else None
-    loader = torch.utils.data.DataLoader(dataset, batch_size=int(cfg["batch_size"]), sampler=sampler, shuffle=False)
-    tta = cfg["tta"]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, shuffle=False)
+    tta = cfg.tta
     scores, logits, embs, index = [], [], [], []
     for batch in loader:
         x = batch["image"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = predict_tta(model, x, list(tta["views"]), [float(s) for s in tta["scales"]], str(tta["average"]))
+            out = predict_tta(model, x, tta.views, tta.scales, tta.average)
         scores.append(out.class_scores.float().cpu())
         logits.append(out.logits.float().cpu())
         embs.append(out.embeddings.float().cpu())
@@ -49,3 +57,88 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def fit_on_split(
+    detector: OODDetector, model: torch.nn.Module, dataset: Any, labels: np.ndarray, infer_cfg: InferConfig,
+    device: torch.device,
+) -> OODDetector:
+    """Fit `detector` on the TTA-averaged logits/embeddings of `dataset` (the training split) under the
+    infer section's `tta` and `batch_size`; a detector that needs no fitting returns untouched."""
+    if not detector.needs_fit:
+        return detector
+    _, logits, embeddings = predict(model, dataset, infer_cfg, device)
+    return detector.fit(logits, embeddings, np.asarray(labels, dtype=np.int64), head=head_of(model))
+
+
+@dataclass
+class InferenceResult:
+    """Everything the infer stage computed for the test chips (rows in test-index order)."""
+
+    logits: np.ndarray  # TTA-averaged raw logits (N, C): what logit OOD scores read
+    probs: np.ndarray  # class probabilities from the TTA class scores (N, C)
+    embeddings: np.ndarray  # TTA-averaged embeddings (N, D)
+    voting: VotingResult  # labels after cluster voting (or untouched when voting is off)
+    score: np.ndarray  # the detector's OOD score, higher = more in-distribution
+    energy: np.ndarray  # the energy score, kept beside any detector for comparison
+    fitted_on: int  # training chips the detector was fitted on (0: needs no fitting)
+    predict_seconds: float
+    fit_seconds: float
+
+
+def check_infer_settings(cfg: InferConfig) -> None:
+    """Settings that need more than the schema (voting's joint rules): checked before any prediction."""
+    if cfg.cluster.enabled:
+        v = cfg.cluster
+        check_voting_settings(v.tau, v.rho, v.min_voters, v.min_voter_share, v.top_k)
+
+
+def run_inference(
+    model: torch.nn.Module,
+    test: Any,
+    cfg: InferConfig,
+    detector: OODDetector,
+    device: torch.device,
+    seed: int = 0,
+    fit_data: Callable[[], tuple[Any, np.ndarray]] | None = None,
+) -> InferenceResult:
+    """TTA forward over `test`, cluster voting when enabled, and the OOD score of `detector`, fitted
+    first (when it needs it) on `fit_data()` = (training dataset, its labels) with the same TTA."""
+    start = time.perf_counter()
+    class_scores, logits, embeddings = predict(model, test, cfg, device)
+    predict_seconds = time.perf_counter() - start
+    probs = softmax(class_scores)  # the TTA-averaged probabilities when infer.tta.average is probs
+    v = cfg.cluster
+    voting = (
+        cluster_vote(embeddings, probs, v.k, v.tau, v.rho, niter=v.niter, seed=seed, min_voters=v.min_voters,
+                     min_voter_share=v.min_voter_share, top_k=v.top_k)
+        if v.enabled else no_vote(probs)
+    )
+    fit_start, fitted_on = time.perf_counter(), 0
+    if detector.needs_fit:
+        if fit_data is None:
+            raise ValueError(f"the {detector.name} detector needs training data to fit on")
+        dataset, labels = fit_data()
+        fit_on_split(detector, model, dataset, labels, cfg, device)
+        fitted_on = len(labels)
+    fit_seconds = time.perf_counter() - fit_start
+    return InferenceResult(
+        logits=logits, probs=probs, embeddings=embeddings, voting=voting,
+        score=detector.score(logits=logits, embeddings=embeddings),
+        energy=ood_score(logits, "energy", cfg.ood.temperature),
+        fitted_on=fitted_on, predict_seconds=predict_seconds, fit_seconds=fit_seconds,
+    )
+
+
+def prediction_tables(ids: np.ndarray, paths: np.ndarray, out: InferenceResult) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(results: image_id, class_id, score — the submission; predictions: every per-chip detail)."""
+    voting, probs, logits = out.voting, out.probs, out.logits
+    results = pd.DataFrame({"image_id": ids, "class_id": voting.labels.astype(np.int64), "score": out.score})
+    predictions = pd.DataFrame({
+        "image_id": ids, "path": paths,
+        "label_before": probs.argmax(axis=1), "label_after": voting.labels, "changed": voting.changed,
+        "cluster": voting.cluster, "confidence": probs.max(axis=1), "score": out.score, "energy": out.energy,
+        **{f"logit_{c}": logits[:, c] for c in range(logits.shape[1])},
+        **{f"prob_{c}": probs[:, c] for c in range(probs.shape[1])},
+    })
+    return results, predictions

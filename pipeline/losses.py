@@ -15,13 +15,14 @@ Conventions chosen here:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.config import DistillConfig, LossConfig
 from pipeline.errors import UserError
 
 ALPHA_KINDS = ("none", "inverse_freq", "effective_number")
@@ -98,14 +99,11 @@ def class_alpha(
     return torch.tensor(alpha, dtype=torch.float32)
 
 
-def build_classification_loss(loss_cfg: dict[str, Any], class_counts: np.ndarray) -> FocalLoss:
+def build_classification_loss(loss_cfg: LossConfig, class_counts: np.ndarray) -> FocalLoss:
     """The supervised loss of a stage's `loss` section: focal, or ce (= focal with gamma 0)."""
-    kind = loss_cfg.get("kind", "focal")
-    if kind not in ("focal", "ce"):
-        raise UserError(f"loss.kind '{kind}' is unknown: use focal or ce")
-    alpha = class_alpha(loss_cfg.get("alpha"), class_counts, float(loss_cfg.get("beta", 0.999)))
-    gamma = float(loss_cfg.get("gamma", 2.0)) if kind == "focal" else 0.0
-    return FocalLoss(gamma=gamma, alpha=alpha, label_smoothing=float(loss_cfg.get("label_smoothing", 0.0)))
+    alpha = class_alpha(loss_cfg.alpha, class_counts, loss_cfg.beta)
+    gamma = loss_cfg.gamma if loss_cfg.kind == "focal" else 0.0
+    return FocalLoss(gamma=gamma, alpha=alpha, label_smoothing=loss_cfg.label_smoothing)
 
 
 def _masked_mean(per_row: Tensor, mask: Tensor | None) -> Tensor:
@@ -155,22 +153,15 @@ class DistillationLoss(nn.Module):
     loss. `parts` holds the detached unweighted terms: sup, kd, feat (kd/feat only when active).
     """
 
-    def __init__(self, supervised: nn.Module, distill_cfg: dict[str, Any], student_dim: int, teacher_dim: int) -> None:
+    def __init__(self, supervised: nn.Module, distill_cfg: DistillConfig, student_dim: int, teacher_dim: int) -> None:
         super().__init__()
         self.supervised = supervised
-        self.temperature = float(distill_cfg.get("temperature", 4.0))
-        self.kd_weight = float(distill_cfg.get("kd_weight", 1.0))
-        self.supervised_weight = float(distill_cfg.get("supervised_weight", 1.0))
-        self.feature_weight = float(distill_cfg.get("feature_weight", 0.0))
-        if self.temperature <= 0:
-            raise UserError(f"distill.temperature must be > 0, got {self.temperature}")
-        for name in ("kd_weight", "supervised_weight", "feature_weight"):
-            if not getattr(self, name) >= 0:
-                raise UserError(f"distill.{name} must be >= 0, got {getattr(self, name)}")
+        self.temperature = distill_cfg.temperature
+        self.kd_weight = distill_cfg.kd_weight
+        self.supervised_weight = distill_cfg.supervised_weight
+        self.feature_weight = distill_cfg.feature_weight
         self.alignment = (
-            FeatureAlignment(student_dim, teacher_dim, str(distill_cfg.get("feature_loss", "cosine")))
-            if self.feature_weight > 0
-            else None
+            FeatureAlignment(student_dim, teacher_dim, distill_cfg.feature_loss) if self.feature_weight > 0 else None
         )
 
     def forward(

@@ -22,15 +22,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.artifacts import ARTIFACT_OF_STAGE, ArtifactPaths
-from pipeline.config import STAGES
+from pipeline.artifacts import ArtifactPaths
+from pipeline.cli import DEFAULT_DATA, DEFAULT_SUBMISSIONS, REPO_ROOT, add_run_flags, forward_run_flags
 from pipeline.errors import UserError, exit_on_user_error
 from pipeline.log import make_console, rule
+from pipeline.registry import ARTIFACT_OF_STAGE, PIPELINE, TRAINING_STAGES
 from pipeline.status import read_status
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO_ROOT / "data" / "synthetic"
-TRAINING_STAGES = ("pretrain_eo", "distill_sar", "finetune_head")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,23 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run pretrain_eo -> distill_sar -> finetune_head -> infer and print one summary table.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--data", type=Path, default=None, help="dataset root (default: data/synthetic, generated on first use)")
-    p.add_argument("--train-dir", default=None, help="generic layout: training split folder name")
-    p.add_argument("--test-dir", default=None, help="test folder name (official) or labelled test split (generic)")
-    p.add_argument("--profile", default="quick", help="quick | full | tiny | path/to/profile.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override passed to every stage (repeatable)")
-    p.add_argument("--holdout-classes", default=None, help="classes left out of training and scored as OOD at test")
-    p.add_argument("--from", dest="from_stage", choices=STAGES, default=None, help="start at this stage")
-    p.add_argument("--only", choices=STAGES, default=None, help="run only this stage")
+    add_run_flags(p)  # --data, --weights, --profile, --set, ...: passed on to every stage
+    p.add_argument("--from", dest="from_stage", choices=PIPELINE, default=None, help="start at this stage")
+    p.add_argument("--only", choices=PIPELINE, default=None, help="run only this stage")
     p.add_argument("--force", action="store_true", help="rerun stages even when their artifacts are up to date")
     p.add_argument("--resume", action="store_true", help="continue interrupted training from its last epoch checkpoint")
     p.add_argument("--gpus", type=int, default=1, help="GPUs per training stage (torchrun --nproc_per_node)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--weights", type=Path, default=REPO_ROOT / "weights")
-    p.add_argument("--submissions", type=Path, default=REPO_ROOT / "submissions")
-    p.add_argument("--cache-dir", type=Path, default=None, help="where packed arrays are cached (default: $EOSAR_CACHE_DIR, else .cache/packs in the project; never inside --data unless given here)")
-    p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images instead of stopping")
+    p.add_argument("--submissions", type=Path, default=DEFAULT_SUBMISSIONS)
     p.add_argument("--synth-scale", default="quick", help="scale of the synthetic dataset generated when --data is not given")
     return p
 
@@ -63,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 def selected_stages(args: argparse.Namespace) -> list[str]:
     if args.only:
         return [args.only]
-    start = STAGES.index(args.from_stage) if args.from_stage else 0
-    return list(STAGES[start:])
+    start = PIPELINE.index(args.from_stage) if args.from_stage else 0
+    return list(PIPELINE[start:])
 
 
 def check_gpus(args: argparse.Namespace) -> None:
@@ -87,18 +75,9 @@ def check_gpus(args: argparse.Namespace) -> None:
 
 def stage_command(stage: str, args: argparse.Namespace, data: Path, status_file: Path | None = None) -> list[str]:
     launcher = [sys.executable, "-m"]
-    if args.gpus > 1 and stage in STAGES:
+    if args.gpus > 1 and stage in PIPELINE:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}", "-m"]
-    cmd = [*launcher, f"stages.{stage}", "--data", str(data), "--profile", str(args.profile),
-           "--weights", str(args.weights), "--device", args.device]
-    for flag, value in (("--train-dir", args.train_dir), ("--test-dir", args.test_dir), ("--seed", args.seed),
-                        ("--holdout-classes", args.holdout_classes), ("--cache-dir", args.cache_dir)):
-        if value is not None:
-            cmd += [flag, str(value)]
-    for item in args.overrides:
-        cmd += ["--set", item]
-    if args.skip_bad:
-        cmd.append("--skip-bad")
+    cmd = [*launcher, f"stages.{stage}", *forward_run_flags(argparse.Namespace(**{**vars(args), "data": data}))]
     if not args.force:
         cmd.append("--skip-fresh")
     if args.resume and stage in TRAINING_STAGES:
@@ -112,7 +91,7 @@ def stage_command(stage: str, args: argparse.Namespace, data: Path, status_file:
 
 def ensure_data(args: argparse.Namespace, console: Console) -> Path:
     """The dataset root: --data as given, or the quick synthetic replica (generated once)."""
-    if args.data is not None:
+    if args.data != DEFAULT_DATA:
         if not args.data.is_dir():
             raise UserError(f"--data {args.data}: no such folder (expected an official, NJUST-style or class-folder dataset)")
         return args.data

@@ -116,6 +116,23 @@ def new_run_dir(submissions_dir: Path, run: str | None = None) -> Path:
     raise UserError(f"cannot find a free submission folder name for {stamp} in {submissions_dir}")
 
 
+def find_fresh_submission(submissions: Path, inputs: dict[str, Any]) -> Path | None:
+    """An earlier submission folder made from exactly these inputs (config, data, model), if any."""
+    key = json.dumps(inputs, sort_keys=True)
+    for summary in sorted(submissions.glob("*/summary.json")):
+        try:
+            if json.dumps(json.loads(summary.read_text()).get("inputs"), sort_keys=True) == key:
+                return summary.parent
+        except (OSError, json.JSONDecodeError):
+            continue
+    return None
+
+
+def mark_latest(submissions: Path, run_dir: Path) -> None:
+    """Record the newest (or re-confirmed) submission folder in <submissions>/latest.txt."""
+    atomic_write_text(submissions / "latest.txt", run_dir.name + "\n")
+
+
 def write_submission(
     run_dir: Path,
     results: pd.DataFrame,

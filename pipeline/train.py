@@ -32,12 +32,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline import distributed
 from pipeline.artifacts import ArtifactPaths, atomic_write, atomic_write_text
+from pipeline.config import TrainConfig
 from pipeline.errors import UserError
 from pipeline.log import live_progress, make_console
 from pipeline.metrics import classification_metrics
 
 CHECKPOINT_FORMAT = 1
-OPTIMIZERS = ("adamw", "sgd")
 
 
 class TrainingDiverged(UserError):
@@ -105,31 +105,9 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _checked_config(stage_cfg: dict[str, Any]) -> dict[str, Any]:
-    missing = [k for k in ("epochs", "optimizer", "lr", "weight_decay") if k not in stage_cfg]
-    if missing:
-        raise UserError(f"stage config lacks {', '.join(missing)}: compare your profile with pipeline/profiles/quick.yaml")
-    cfg = {
-        "epochs": int(stage_cfg["epochs"]),
-        "optimizer": str(stage_cfg["optimizer"]).lower(),
-        "lr": float(stage_cfg["lr"]),
-        "weight_decay": float(stage_cfg["weight_decay"]),
-        "warmup_epochs": float(stage_cfg.get("warmup_epochs") or 0.0),
-        "ema": float(stage_cfg.get("ema") or 0.0),
-        "clip_grad": float(stage_cfg.get("clip_grad") or 0.0),
-        "steps_per_epoch": stage_cfg.get("steps_per_epoch"),
-    }
-    if cfg["epochs"] < 1:
-        raise UserError(f"epochs must be at least 1, got {cfg['epochs']}")
-    if cfg["optimizer"] not in OPTIMIZERS:
-        raise UserError(f"optimizer '{cfg['optimizer']}' is unknown: use one of {', '.join(OPTIMIZERS)}")
-    if not cfg["lr"] > 0:
-        raise UserError(f"lr must be > 0, got {cfg['lr']}")
-    if not 0.0 <= cfg["ema"] < 1.0:
-        raise UserError(f"ema must be in [0, 1) (0 = off), got {cfg['ema']}")
-    if cfg["steps_per_epoch"] is not None and int(cfg["steps_per_epoch"]) < 1:
-        raise UserError(f"steps_per_epoch must be null or >= 1, got {cfg['steps_per_epoch']}")
-    return cfg
+def _checked_config(stage_cfg: TrainConfig) -> dict[str, Any]:
+    """The training settings the loop reads (validated by the schema at load)."""
+    return stage_cfg.model_dump(include={"epochs", "optimizer", "lr", "weight_decay", "warmup_epochs", "ema", "clip_grad", "steps_per_epoch"})
 
 
 def _steps_per_epoch(cfg: dict[str, Any], train_loader: Iterable) -> int:
@@ -146,9 +124,9 @@ def _steps_per_epoch(cfg: dict[str, Any], train_loader: Iterable) -> int:
     return steps
 
 
-def _config_hash(stage_cfg: dict[str, Any], num_classes: int, seed: int, steps_per_epoch: int) -> str:
+def _config_hash(stage_cfg: TrainConfig, num_classes: int, seed: int, steps_per_epoch: int) -> str:
     blob = json.dumps(
-        {"stage": stage_cfg, "num_classes": num_classes, "seed": seed, "steps_per_epoch": steps_per_epoch},
+        {"stage": stage_cfg.model_dump(mode="json"), "num_classes": num_classes, "seed": seed, "steps_per_epoch": steps_per_epoch},
         sort_keys=True,
         default=str,
     )
@@ -331,7 +309,7 @@ class _Trainer:
         self,
         task: TrainTask,
         train_loader: Iterable,
-        stage_cfg: dict[str, Any],
+        stage_cfg: TrainConfig,
         num_classes: int,
         paths: ArtifactPaths,
         device: torch.device,
@@ -535,7 +513,7 @@ def fit(
     task: TrainTask,
     train_loader: Iterable,
     val_loader: Iterable,
-    stage_cfg: dict[str, Any],
+    stage_cfg: TrainConfig,
     num_classes: int,
     paths: ArtifactPaths,
     device: torch.device,

@@ -13,81 +13,56 @@ import torch
 from pipeline import distributed
 from pipeline.errors import exit_on_user_error
 from pipeline.losses import DistillationLoss, build_classification_loss
-from pipeline.models import model_from_spec, model_spec
+from pipeline.models import model_spec
 from pipeline.stage import (
-    build_parser,
-    check_parent_split,
-    chip_dataset,
-    class_counts,
-    holds_weights_lock,
-    make_loader,
-    new_model,
-    paired_dataset,
-    parent_digest,
-    prepare_stage,
-    save_split,
-    save_stage_artifact,
-    train_batches,
-    train_val_rows,
+    build_parser, check_parent_split, fit_stage, holds_weights_lock, load_model, new_model, parent_digest, prepare_stage,
+    save_split, save_stage_artifact,
 )
-from pipeline.artifacts import load_artifact
 from pipeline.tasks import ClassifierTask, DistillTask
-from pipeline.train import fit
 
 STAGE = "distill_sar"
-ARTIFACT = "sar_student"
 TEACHER = "eo_teacher"
 
 
 @exit_on_user_error
 @holds_weights_lock
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser(STAGE, __doc__).parse_args(argv)
-    ctx = prepare_stage(STAGE, args)
-    cfg = ctx.stage_cfg
+    ctx = prepare_stage(STAGE, build_parser(STAGE, __doc__).parse_args(argv))
+    cfg, data = ctx.stage_cfg, ctx.data
     with_teacher = ctx.layout.has_eo
     parents = {TEACHER: parent_digest(ctx, TEACHER)} if with_teacher else {}
-    if ctx.skip_if_fresh(ARTIFACT, parents):
+    if ctx.skip_if_fresh("sar_student", parents):
         return 0
 
-    train_rows, val_rows = train_val_rows(ctx, modality="sar")
+    train_rows, val_rows = data.train_val_rows("sar")
     if with_teacher:
-        teacher_state, teacher_manifest = load_artifact(ctx.weights_dir, TEACHER, ctx.packed.train_fingerprint)
+        teacher, teacher_manifest = load_model(ctx, TEACHER)
         check_parent_split(ctx, TEACHER, teacher_manifest)  # before save_split overwrites anything
-    split_sha = save_split(ctx, ARTIFACT)
+    split_sha = save_split(ctx, "sar_student")
     student = new_model(ctx, "sar")
-    supervised = build_classification_loss(cfg["loss"], class_counts(ctx, train_rows))
+    supervised = build_classification_loss(cfg.loss, ctx.class_counts(train_rows))
 
     if with_teacher:
-        teacher = model_from_spec(teacher_manifest["model"])
-        teacher.load_state_dict(teacher_state)
-        teacher.to(ctx.device)
         before = {k: v.clone() for k, v in teacher.state_dict().items()}
-        criterion = DistillationLoss(
-            supervised, cfg["distill"], student_dim=student.embed_dim, teacher_dim=teacher.embed_dim
-        )
+        criterion = DistillationLoss(supervised, cfg.distill, student_dim=student.embed_dim, teacher_dim=teacher.embed_dim)
         task = DistillTask(student, teacher, criterion)
-        train_loader = train_batches(ctx, train_rows, "paired")
-        val_ds = paired_dataset(ctx, val_rows, augment=False)
-        ctx.console.print(f"{STAGE}: distilling {TEACHER} into a SAR student (T={cfg['distill']['temperature']}, kd_weight={cfg['distill']['kd_weight']}, feature_weight={cfg['distill']['feature_weight']})")
+        train_loader = data.train_batches(train_rows, "paired", cfg)
+        val_ds = data.paired_dataset(val_rows, augment=False)
+        d = cfg.distill
+        ctx.console.print(f"{STAGE}: distilling {TEACHER} into a SAR student (T={d.temperature}, kd_weight={d.kd_weight}, feature_weight={d.feature_weight})")
     else:
         ctx.console.print(f"{STAGE}: SAR-only dataset: no teacher; training the SAR model on labels alone")
         task = ClassifierTask(student, supervised)
-        train_loader = train_batches(ctx, train_rows, "sar")
-        val_ds = chip_dataset(ctx, "sar", val_rows, augment=False)
+        train_loader = data.train_batches(train_rows, "sar", cfg)
+        val_ds = data.chip_dataset("sar", val_rows, augment=False)
 
-    result = fit(
-        task, train_loader,
-        make_loader(val_ds, cfg["batch_size"], ctx, train=False), cfg, ctx.num_classes,
-        ctx.paths(ARTIFACT), ctx.device, resume=args.resume, seed=ctx.seed, console=ctx.console,
-    )
+    result = fit_stage(ctx, task, train_loader, data.loader(val_ds, cfg.batch_size, train=False))
     if with_teacher:
         after = teacher.state_dict()
         if any(not torch.equal(before[k], after[k]) for k in before):
             raise RuntimeError("the frozen EO teacher changed during distillation")
     save_stage_artifact(
-        ctx, ARTIFACT, result.best_state,
-        model_spec(student, ctx.geometry["sar"].packed, ctx.packed.norm["sar"]),
+        ctx, result.best_state, model_spec(student, ctx.geometry["sar"].packed, ctx.packed.norm["sar"]),
         parents=parents, metrics={**result.best_metrics, "best_epoch": result.best_epoch},
         split_sha256=split_sha, modality="sar", distilled=with_teacher,
     )

@@ -11,30 +11,15 @@ import numpy as np
 import torch
 
 from pipeline import distributed
-from pipeline.artifacts import load_artifact
 from pipeline.errors import exit_on_user_error
 from pipeline.losses import build_classification_loss
-from pipeline.models import model_from_spec
 from pipeline.stage import (
-    build_parser,
-    check_parent_split,
-    chip_dataset,
-    class_counts,
-    holds_weights_lock,
-    make_loader,
-    make_stage_sampler,
-    parent_digest,
-    prepare_stage,
-    save_split,
-    save_stage_artifact,
-    train_batches,
-    train_val_rows,
+    build_parser, check_parent_split, fit_stage, holds_weights_lock, load_model, parent_digests, prepare_stage,
+    save_split, save_stage_artifact,
 )
 from pipeline.tasks import EmbeddingDataset, HeadTask, embed_dataset
-from pipeline.train import fit
 
 STAGE = "finetune_head"
-ARTIFACT = "sar_final"
 PARENT = "sar_student"
 
 
@@ -46,53 +31,44 @@ def backbone_digest(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 @exit_on_user_error
 @holds_weights_lock
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser(STAGE, __doc__).parse_args(argv)
-    ctx = prepare_stage(STAGE, args)
-    parents = {PARENT: parent_digest(ctx, PARENT)}
-    if ctx.skip_if_fresh(ARTIFACT, parents):
+    ctx = prepare_stage(STAGE, build_parser(STAGE, __doc__).parse_args(argv))
+    parents = parent_digests(ctx)
+    if ctx.skip_if_fresh("sar_final", parents):
         return 0
-    state, manifest = load_artifact(ctx.weights_dir, PARENT, ctx.packed.train_fingerprint)
+    model, manifest = load_model(ctx, PARENT)
     check_parent_split(ctx, PARENT, manifest)  # epochs are selected on validation chips the backbone never saw
-    model = model_from_spec(manifest["model"])
-    model.load_state_dict(state)
-    model.to(ctx.device)
     frozen = backbone_digest(model)
 
-    cfg = ctx.stage_cfg
-    train_rows, val_rows = train_val_rows(ctx, modality="sar")
-    split_sha = save_split(ctx, ARTIFACT)
-    loss = build_classification_loss(cfg["loss"], class_counts(ctx, train_rows))
-    task = HeadTask(model, loss)
-    if cfg["augment"]:
+    cfg, data = ctx.stage_cfg, ctx.data
+    train_rows, val_rows = data.train_val_rows("sar")
+    split_sha = save_split(ctx, "sar_final")
+    task = HeadTask(model, build_classification_loss(cfg.loss, ctx.class_counts(train_rows)))
+    if cfg.augment:
         ctx.console.print(f"{STAGE}: head on the frozen backbone, chips augmented and embedded every step")
-        train_loader = train_batches(ctx, train_rows, "sar")
-        val_ds = chip_dataset(ctx, "sar", val_rows, augment=False)
+        train_loader = data.train_batches(train_rows, "sar", cfg)
+        val_ds = data.chip_dataset("sar", val_rows, augment=False)
     else:
-        copies = int(cfg["aug_copies"])
+        copies = cfg.aug_copies
         ctx.console.print(f"{STAGE}: fast path: embedding {len(train_rows)} training chips once (+{copies} augmented copies)")
-        emb, labels = embed_dataset(model, chip_dataset(ctx, "sar", train_rows, augment=False), 512, ctx.device)
+        emb, labels = embed_dataset(model, data.chip_dataset("sar", train_rows, augment=False), 512, ctx.device)
         if copies:
             aug_emb, aug_labels = embed_dataset(
-                model, chip_dataset(ctx, "sar", train_rows, augment=True), 512, ctx.device, epochs=range(1, copies + 1)
+                model, data.chip_dataset("sar", train_rows, augment=True), 512, ctx.device, epochs=range(1, copies + 1)
             )
             emb, labels = torch.cat([emb, aug_emb]), torch.cat([labels, aug_labels])
         train_ds = EmbeddingDataset(emb, labels)
-        val_ds = EmbeddingDataset(*embed_dataset(model, chip_dataset(ctx, "sar", val_rows, augment=False), 512, ctx.device))
+        val_ds = EmbeddingDataset(*embed_dataset(model, data.chip_dataset("sar", val_rows, augment=False), 512, ctx.device))
         all_rows = np.concatenate([train_rows] * (copies + 1))
-        train_loader = make_loader(train_ds, cfg["batch_size"], ctx, make_stage_sampler(ctx, all_rows))
+        train_loader = data.loader(train_ds, cfg.batch_size, data.sampler(all_rows, cfg))
 
-    result = fit(
-        task, train_loader,
-        make_loader(val_ds, cfg["batch_size"], ctx, train=False), cfg, ctx.num_classes,
-        ctx.paths(ARTIFACT), ctx.device, resume=args.resume, seed=ctx.seed, console=ctx.console,
-    )
+    result = fit_stage(ctx, task, train_loader, data.loader(val_ds, cfg.batch_size, train=False))
     model.load_state_dict(result.best_state)
     after = backbone_digest(model)
     unchanged = all(torch.equal(frozen[k], after[k]) for k in frozen)
     if not unchanged:
         raise RuntimeError("the frozen backbone changed while fine-tuning the head")
     save_stage_artifact(
-        ctx, ARTIFACT, result.best_state, manifest["model"], parents=parents,
+        ctx, result.best_state, manifest["model"], parents=parents,
         metrics={**result.best_metrics, "best_epoch": result.best_epoch},
         split_sha256=split_sha, modality="sar", backbone_unchanged=unchanged,
     )

@@ -1,154 +1,80 @@
 """Stage 4: predict the SAR test chips and write a submission folder.
 
-Test-time augmentation (flips, 90-degree rotations, input scales) averaged in one batched forward per
-batch; faiss k-means on the test embeddings with winner-take-all label correction inside confident,
-pure clusters; an OOD score per chip (higher = more in-distribution) from the detector
-`infer.ood.method` (energy by default; knn, mahalanobis and vim are fitted once on the training
-split's TTA-averaged embeddings; auto takes stages.select_ood's choice). Writes
-submissions/<run>/{results.csv, predictions.csv, summary.json, ood_detector.npz} and, when the test labels are known
-(synthetic test_truth.csv, labelled generic test split), scores itself into score.json.
+Test-time augmentation averaged in one batched forward per batch; faiss k-means on the test embeddings
+with winner-take-all label correction inside confident, pure clusters (when infer.cluster.enabled); an
+OOD score per chip (higher = more in-distribution) from the detector `infer.ood.method` (knn,
+mahalanobis and vim are fitted once on the training split's TTA-averaged embeddings; auto takes
+stages.select_ood's choice). Writes submissions/<run>/{results.csv, predictions.csv, summary.json,
+ood_detector.npz} and, when the test labels are known, scores itself into score.json.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pipeline import distributed
-from pipeline.artifacts import atomic_write_text, code_version, load_artifact
-from pipeline.cluster import check_voting_settings, cluster_vote, no_vote
-from pipeline.data.datasets import ChipDataset
-from pipeline.errors import UserError, exit_on_user_error
-from pipeline.inference import predict, softmax  # noqa: F401 (predict, softmax: stages.infer names kept)
-from pipeline.models import model_from_spec
-from pipeline.ood import ood_score, save_detector
-from pipeline.ood.fit import fit_on_split, resolve_detector
-from pipeline.stage import (
-    REPO_ROOT, build_parser, chip_dataset, holds_weights_lock, parent_digest, prepare_stage, train_val_rows,
+from pipeline.artifacts import atomic_write_text, code_version
+from pipeline.cli import DEFAULT_SUBMISSIONS
+from pipeline.errors import exit_on_user_error
+from pipeline.inference import check_infer_settings, prediction_tables, run_inference
+from pipeline.ood import save_detector
+from pipeline.ood.fit import resolve_detector
+from pipeline.stage import build_parser, holds_weights_lock, load_model, parent_digests, prepare_stage
+from pipeline.submission import (
+    find_fresh_submission, mark_latest, new_run_dir, print_score_report, report_json, score_submission, write_submission,
 )
-from pipeline.submission import new_run_dir, print_score_report, report_json, score_submission, write_submission
 
 STAGE = "infer"
-PARENT = "sar_final"
-DEFAULT_SUBMISSIONS = REPO_ROOT / "submissions"
 DETECTOR_FILE = "ood_detector.npz"
-
-
-def find_fresh_submission(submissions: Path, inputs: dict) -> Path | None:
-    """An earlier submission made from exactly these inputs (config, data, model), if any."""
-    key = json.dumps(inputs, sort_keys=True)
-    for summary in sorted(submissions.glob("*/summary.json")):
-        try:
-            if json.dumps(json.loads(summary.read_text()).get("inputs"), sort_keys=True) == key:
-                return summary.parent
-        except (OSError, json.JSONDecodeError):
-            continue
-    return None
-
-
-def mark_latest(submissions: Path, run_dir: Path) -> None:
-    """Record the newest (or re-confirmed) submission folder in <submissions>/latest.txt."""
-    atomic_write_text(submissions / "latest.txt", run_dir.name + "\n")
 
 
 @exit_on_user_error
 @holds_weights_lock
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser(STAGE, __doc__, training=False)
+    parser = build_parser(STAGE, __doc__)
     parser.add_argument("--submissions", type=Path, default=DEFAULT_SUBMISSIONS, help="folder of submission runs")
     parser.add_argument("--run", default=None, help="name of the new submission folder (default: a timestamp); never overwritten")
     args = parser.parse_args(argv)
     ctx = prepare_stage(STAGE, args)
-    cfg = ctx.stage_cfg
-    vote_cfg = cfg["cluster"]
-    if vote_cfg["enabled"]:  # a bad setting stops here, not after the whole test set is predicted
-        check_voting_settings(
-            vote_cfg["tau"], vote_cfg["rho"], vote_cfg["min_voters"], vote_cfg["min_voter_share"], vote_cfg["top_k"]
-        )
-
-    parents = {PARENT: parent_digest(ctx, PARENT)}
-    ood = cfg["ood"]
-    detector, choice = resolve_detector(ood, ctx.weights_dir, parents[PARENT], seed=ctx.seed)
-    inputs = {
-        "config": ctx.recorded_config, "train_fingerprint": ctx.packed.train_fingerprint,
-        "test_fingerprint": ctx.packed.test_fingerprint, "parents": parents,
-    }
+    cfg, data = ctx.stage_cfg, ctx.data
+    check_infer_settings(cfg)  # a bad setting stops here, not after the whole test set is predicted
+    parents = parent_digests(ctx)
+    detector, choice = resolve_detector(cfg.ood, ctx.weights_dir, parents["sar_final"], seed=ctx.seed)
+    inputs = {"config": ctx.recorded_config, "train_fingerprint": ctx.packed.train_fingerprint,
+              "test_fingerprint": ctx.packed.test_fingerprint, "parents": parents}
     if choice is not None:  # infer.ood.method auto: the chosen detector is an input too
         inputs["ood_choice"] = {"method": detector.name, "params": detector.params()}
-    if args.skip_fresh:
-        earlier = find_fresh_submission(args.submissions, inputs)
-        if earlier is not None:
-            ctx.console.print(f"[green]{STAGE}[/]: {earlier} is up to date (same config, data and model), skipped")
-            mark_latest(args.submissions, earlier)
-            return 0
+    earlier = find_fresh_submission(args.submissions, inputs) if ctx.skip_fresh else None
+    if earlier is not None:
+        ctx.console.print(f"[green]{STAGE}[/]: {earlier} is up to date (same config, data and model), skipped")
+        mark_latest(args.submissions, earlier)
+        return 0
 
-    state, manifest = load_artifact(ctx.weights_dir, PARENT, ctx.packed.train_fingerprint)
-    spec = manifest["model"]
-    model = model_from_spec(spec)
-    model.load_state_dict(state)
-    model.to(ctx.device).eval()
+    model, manifest = load_model(ctx, "sar_final")
+    spec, test = manifest["model"], ctx.packed.test_index
+    test_ds = data.test_dataset(norm=(spec["norm"]["mean"], spec["norm"]["std"]))
+    ctx.console.print(f"{STAGE}: {len(test_ds)} test chips, {len(cfg.tta.views) * len(cfg.tta.scales)} TTA views")
 
-    test = ctx.packed.test_index
-    if len(test) == 0:
-        raise UserError(f"no test chips found under {ctx.args.data}: nothing to predict")
-    labels = test["class_id"].to_numpy()
-    dataset = ChipDataset(
-        ctx.packed.test_sar, test["sar_row"].to_numpy(), np.maximum(labels, 0),
-        norm=(spec["norm"]["mean"], spec["norm"]["std"]), augment=None, seed=ctx.seed,
-    )
-    ctx.console.print(f"{STAGE}: {len(dataset)} test chips, {len(cfg['tta']['views']) * len(cfg['tta']['scales'])} TTA views")
-    start = time.perf_counter()
-    class_scores, logits, embeddings = predict(model, dataset, cfg, ctx.device)
-    predict_seconds = time.perf_counter() - start
-    probs = softmax(class_scores)  # the TTA-averaged probabilities when infer.tta.average is probs
+    def training_split() -> tuple[object, np.ndarray]:
+        rows, _ = data.train_val_rows("sar")
+        ctx.console.print(f"{STAGE}: fitting the {detector.describe()} OOD detector on {len(rows)} training chips")
+        return data.chip_dataset("sar", rows, augment=False), data.labels[rows]
 
-    if vote_cfg["enabled"]:
-        voting = cluster_vote(
-            embeddings, probs, vote_cfg["k"], vote_cfg["tau"], vote_cfg["rho"],
-            niter=vote_cfg["niter"], seed=ctx.seed, min_voters=vote_cfg["min_voters"],
-            min_voter_share=vote_cfg["min_voter_share"], top_k=vote_cfg["top_k"],
-        )
-    else:
-        voting = no_vote(probs)
-    fit_start, fitted_on = time.perf_counter(), 0
-    if detector.needs_fit:  # fitted once on the training split, with the test chips' TTA averaging
-        train_rows, _ = train_val_rows(ctx, "sar")
-        ctx.console.print(f"{STAGE}: fitting the {detector.describe()} OOD detector on {len(train_rows)} training chips")
-        fit_on_split(
-            detector, model, chip_dataset(ctx, "sar", train_rows, augment=False),
-            ctx.packed.train_index["class_id"].to_numpy()[train_rows], cfg, ctx.device,
-        )
-        fitted_on = len(train_rows)
-    fit_seconds = time.perf_counter() - fit_start
-    score = detector.score(logits=logits, embeddings=embeddings)
-    energy = ood_score(logits, "energy", ood["temperature"])
-
-    ids = test["image_id"].to_numpy().astype(np.int64)
-    results = pd.DataFrame({"image_id": ids, "class_id": voting.labels.astype(np.int64), "score": score})
-    predictions = pd.DataFrame({
-        "image_id": ids, "path": test["path"].to_numpy(),
-        "label_before": probs.argmax(axis=1), "label_after": voting.labels, "changed": voting.changed,
-        "cluster": voting.cluster, "confidence": probs.max(axis=1), "score": score, "energy": energy,
-        **{f"logit_{c}": logits[:, c] for c in range(logits.shape[1])},
-        **{f"prob_{c}": probs[:, c] for c in range(probs.shape[1])},
-    })
+    out = run_inference(model.eval(), test_ds, cfg, detector, ctx.device, seed=ctx.seed, fit_data=training_split)
+    ids, labels = test["image_id"].to_numpy().astype(np.int64), test["class_id"].to_numpy()
+    results, predictions = prediction_tables(ids, test["path"].to_numpy(), out)
+    changed = int(out.voting.changed.sum())
     summary = {
-        "inputs": inputs, "model": spec, "dataset": {"root": str(Path(args.data).resolve()), "kind": ctx.layout.kind,
-        "classes": list(ctx.layout.classes.names)}, "num_test": int(len(ids)),
-        "ood_method": detector.name, "ood": {
-            "method": ood["method"], "detector": detector.name, "params": detector.params(),
-            "state_file": DETECTOR_FILE, "fitted_on_chips": fitted_on,
-            "fit_seconds": fit_seconds,
-            "choice": None if choice is None else {k: choice.get(k) for k in ("method", "params", "mean_auroc", "time")},
-        },
-        "votes_changed": int(voting.changed.sum()),
-        "clusters": int(voting.k),
-        "views": len(cfg["tta"]["views"]) * len(cfg["tta"]["scales"]),
-        "predict_seconds": predict_seconds, "images_per_s": len(ids) / max(predict_seconds, 1e-9),
+        "inputs": inputs, "model": spec, "dataset": ctx.dataset_record(), "num_test": int(len(ids)),
+        "ood_method": detector.name,
+        "ood": {"method": cfg.ood.method, "detector": detector.name, "params": detector.params(), "state_file": DETECTOR_FILE,
+                "fitted_on_chips": out.fitted_on, "fit_seconds": out.fit_seconds,
+                "choice": None if choice is None else {k: choice.get(k) for k in ("method", "params", "mean_auroc", "time")}},
+        "votes_changed": changed, "clusters": int(out.voting.k), "views": len(cfg.tta.views) * len(cfg.tta.scales),
+        "predict_seconds": out.predict_seconds, "images_per_s": len(ids) / max(out.predict_seconds, 1e-9),
         "code_version": code_version(),
     }
     if not distributed.is_main_process():
@@ -156,15 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     run_dir = new_run_dir(args.submissions, args.run)
     save_detector(detector, run_dir / DETECTOR_FILE)  # results.csv, written last, marks a complete folder
-    known = labels >= -1
-    if known.all():
-        truth = pd.DataFrame({"image_id": ids, "class_id": labels})
-        report = score_submission(results, truth, num_classes=ctx.num_classes)
+    report = None
+    if (labels >= -1).all():  # every test label known (-1: out of distribution)
+        report = score_submission(results, pd.DataFrame({"image_id": ids, "class_id": labels}), num_classes=ctx.num_classes)
         summary["score"] = {k: report[k] for k in ("accuracy", "auroc", "competition_score", "balanced_accuracy")}
     write_submission(run_dir, results, predictions, summary, expected_ids=ids, num_classes=ctx.num_classes)
-    ctx.console.print(f"[green]{STAGE}[/]: wrote {run_dir / 'results.csv'} ({len(ids)} rows, {int(voting.changed.sum())} labels changed by cluster voting)")
+    ctx.console.print(f"[green]{STAGE}[/]: wrote {run_dir / 'results.csv'} ({len(ids)} rows, {changed} labels changed by cluster voting)")
     mark_latest(args.submissions, run_dir)
-    if known.all():
+    if report is not None:
         atomic_write_text(run_dir / "score.json", report_json(report))
         print_score_report(report, list(ctx.layout.classes.names), ctx.console)
     distributed.cleanup()

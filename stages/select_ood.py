@@ -19,15 +19,12 @@ import numpy as np
 from rich.table import Table
 
 from pipeline import distributed
-from pipeline.artifacts import code_version, load_artifact
+from pipeline.artifacts import atomic_write, code_version
 from pipeline.errors import UserError, exit_on_user_error
 from pipeline.inference import predict
-from pipeline.models import model_from_spec
 from pipeline.ood.fit import write_choice
 from pipeline.ood.select import best, candidates, leave_one_class_out
-from pipeline.stage import (
-    build_parser, chip_dataset, holds_weights_lock, parent_digest, prepare_stage, split_digest, train_val_rows,
-)
+from pipeline.stage import build_parser, holds_weights_lock, load_model, parent_digest, prepare_stage
 
 STAGE = "select_ood"
 PARENT = "sar_final"
@@ -45,46 +42,40 @@ def cached_outputs(path: Path, key: dict, compute) -> dict[str, np.ndarray]:
         except (OSError, ValueError, KeyError):
             pass  # unreadable or stale: recompute
     arrays = compute()
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, key=np.array(digest), **arrays)
-    tmp.replace(path)
+    atomic_write(path, lambda fh: np.savez(fh, key=np.array(digest), **arrays))
     return arrays
 
 
 @exit_on_user_error
 @holds_weights_lock
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser(STAGE, __doc__, training=False).parse_args(argv)
+    args = build_parser(STAGE, __doc__).parse_args(argv)
     if distributed.is_distributed():
         raise UserError(f"{STAGE} runs as one process: python -m stages.{STAGE} (not torchrun)")
     ctx = prepare_stage(STAGE, args)
-    cfg, infer_cfg = ctx.stage_cfg, ctx.cfg["infer"]
+    cfg, infer_cfg = ctx.stage_cfg, ctx.cfg.infer
     cands = candidates(cfg)  # a bad candidate list stops here, before any embedding
     model_sha = parent_digest(ctx, PARENT)
-    train_rows, val_rows = train_val_rows(ctx, "sar")
-    labels = ctx.packed.train_index["class_id"].to_numpy()
+    train_rows, val_rows = ctx.data.train_val_rows("sar")
+    labels = ctx.data.labels
 
     def embed() -> dict[str, np.ndarray]:
-        state, manifest = load_artifact(ctx.weights_dir, PARENT, ctx.packed.train_fingerprint)
-        model = model_from_spec(manifest["model"])
-        model.load_state_dict(state)
-        model.to(ctx.device).eval()
+        model = load_model(ctx, PARENT)[0].eval()
         ctx.console.print(f"{STAGE}: embedding {len(train_rows)} training and {len(val_rows)} validation chips with TTA")
         out = {}
         for split, rows in (("train", train_rows), ("val", val_rows)):
-            _, _, emb = predict(model, chip_dataset(ctx, "sar", rows, augment=False), infer_cfg, ctx.device)
+            _, _, emb = predict(model, ctx.data.chip_dataset("sar", rows, augment=False), infer_cfg, ctx.device)
             out[f"{split}_emb"], out[f"{split}_labels"] = emb, labels[rows]
         return out
 
-    key = {"model_sha256": model_sha, "tta": infer_cfg["tta"], "split_sha256": split_digest(ctx),
+    key = {"model_sha256": model_sha, "tta": infer_cfg.tta.model_dump(), "split_sha256": ctx.data.split_digest(),
            "train_fingerprint": ctx.packed.train_fingerprint, "rows": [len(train_rows), len(val_rows)]}
     data = cached_outputs(ctx.weights_dir / CACHE_FILE, key, embed)
 
     names = list(ctx.layout.classes.names)
     results = leave_one_class_out(
         data["train_emb"], data["train_labels"], data["val_emb"], data["val_labels"], cands,
-        infer_cfg["ood"], head_c=float(cfg["head_c"]), max_per_class=cfg["max_per_class"], seed=ctx.seed,
+        infer_cfg.ood, head_c=cfg.head_c, max_per_class=cfg.max_per_class, seed=ctx.seed,
     )
     winner = best(results)
     left_out = [names[c] for c in results[0].per_class]
@@ -100,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     choice = {
         "method": winner.candidate.method, "params": winner.candidate.params, "label": winner.candidate.label,
         "mean_auroc": winner.mean, "se": winner.se, "model_sha256": model_sha, "split_sha256": key["split_sha256"],
-        "tta": infer_cfg["tta"], "ood_config": infer_cfg["ood"], "config": ctx.recorded_config,
+        "tta": infer_cfg.tta.model_dump(), "ood_config": infer_cfg.ood.model_dump(), "config": ctx.recorded_config,
         "left_out": left_out,
         "table": [{"label": r.candidate.label, "method": r.candidate.method, "params": r.candidate.params,
                    "mean_auroc": r.mean, "se": r.se,

@@ -120,7 +120,7 @@ def _batches(dataset: ChipDataset, workers: int, epoch: int) -> list[torch.Tenso
 
 
 def test_augmentation_is_reproducible_and_independent_of_workers() -> None:
-    augment = build_augmenter(load_config("quick")["augment"])
+    augment = build_augmenter(load_config("quick").augment.model_dump())
     dataset = ChipDataset(_chips(20, 12), np.arange(20), np.repeat([0, 1], [17, 3]), (0.5, 0.25), augment, seed=3)
     in_process = _batches(dataset, workers=0, epoch=0)
     with_workers = _batches(dataset, workers=2, epoch=0)
@@ -149,7 +149,7 @@ def test_memmap_datasets_pickle_as_file_references(tmp_path: Path) -> None:
 
 def test_augment_config_validation() -> None:
     assert build_augmenter(None) is None and build_augmenter({}) is None
-    section = load_config("quick")["augment"]
+    section = load_config("quick").augment.model_dump()
     assert dataclasses.asdict(AugmentConfig.from_dict(section)) == {**dataclasses.asdict(AugmentConfig()), **section}
     with pytest.raises(UserError, match="augment.mixup"):
         build_augmenter({"mixup": 0.2})

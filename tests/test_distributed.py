@@ -25,12 +25,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from pipeline import distributed
-from pipeline.artifacts import load_artifact
 from pipeline.data.synth import generate
 from pipeline.errors import UserError
 from pipeline.metrics import classification_metrics
-from pipeline.models import model_from_spec
-from pipeline.stage import build_parser, chip_dataset, prepare_stage, train_val_rows
+from pipeline.stage import build_parser, load_model, prepare_stage
 from pipeline.submission import read_truth, validate_submission
 
 pytestmark = pytest.mark.skipif(
@@ -111,12 +109,9 @@ def test_run_all_with_two_processes_writes_one_artifact_per_stage(ddp_pipeline, 
 def recomputed_val_metrics(workspace: Path, stage: str) -> dict:
     """Validation metrics of the stage's saved artifact, recomputed here in one process (no gather)."""
     ctx = prepare_stage(stage, build_parser(stage, None).parse_args(stage_flags(workspace)))
-    _, val_rows = train_val_rows(ctx, VAL_MODALITY[stage])
-    dataset = chip_dataset(ctx, VAL_MODALITY[stage], val_rows, augment=False)
-    state, manifest = load_artifact(ctx.weights_dir, ARTIFACTS[stage], ctx.packed.train_fingerprint)
-    model = model_from_spec(manifest["model"])
-    model.load_state_dict(state)
-    model.eval()
+    _, val_rows = ctx.data.train_val_rows(VAL_MODALITY[stage])
+    dataset = ctx.data.chip_dataset(VAL_MODALITY[stage], val_rows, augment=False)
+    model = load_model(ctx, ARTIFACTS[stage])[0].eval()
     items = [dataset[i] for i in range(len(dataset))]
     images = torch.stack([item["image"] for item in items])
     labels = torch.as_tensor([int(item["label"]) for item in items])

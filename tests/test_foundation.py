@@ -32,18 +32,26 @@ def test_generic_class_table_ids_follow_names():
 
 
 @pytest.mark.parametrize("profile", ["quick", "full", "tiny"])
-def test_profiles_share_one_schema(profile):
-    def keys(d, p=""):
-        return {p + k for k in d} | {x for k, v in d.items() if isinstance(v, dict) for x in keys(v, p + k + ".")}
+def test_profiles_resolve_to_the_one_schema(profile):
+    cfg = config.load_config(profile)
+    assert isinstance(cfg, config.Config) and isinstance(cfg.distill_sar.distill, config.DistillConfig)
+    assert set(cfg.to_dict()) == set(config.Config.model_fields)
 
-    assert keys(config.load_config(profile)) == keys(config.load_config("quick"))
+
+def test_defaults_live_in_the_schema_and_profiles_only_say_what_differs(tmp_path):
+    assert config.load_config("quick") == config.Config()  # quick is the defaults
+    assert config.Config().distill_sar.distill.feature_weight == 0.5  # one default, no second copy in code
+    full = config.load_config("full")
+    assert full.distill_sar.epochs == 40 and full.data.resident and full.model == config.Config().model
+    described = config.describe(full)
+    assert "epochs: 40" in described and "# KD temperature T" in described  # every key with its meaning
 
 
 def test_overrides_parse_yaml_values_and_reject_unknown_keys():
     cfg = config.load_config("quick", ["pretrain_eo.epochs=7", "infer.tta.scales=[0.9, 1.0]", "model.init_weights=/x.safetensors"])
-    assert cfg["pretrain_eo"]["epochs"] == 7
-    assert cfg["infer"]["tta"]["scales"] == [0.9, 1.0]
-    assert cfg["model"]["init_weights"] == "/x.safetensors"
+    assert cfg.pretrain_eo.epochs == 7
+    assert cfg.infer.tta.scales == [0.9, 1.0]
+    assert cfg.model.init_weights == "/x.safetensors"
     with pytest.raises(UserError, match="did you mean pretrain_eo.epochs"):
         config.load_config("quick", ["pretrain_eo.epoch=3"])
     with pytest.raises(UserError, match="key=value"):
@@ -54,9 +62,66 @@ def test_overrides_parse_yaml_values_and_reject_unknown_keys():
         config.load_config("nope")
 
 
+@pytest.mark.parametrize(("override", "key"), [
+    ("pretrain_eo.lr=fast", "pretrain_eo.lr"),  # wrong type
+    ("data.eo_size=true", "data.eo_size"),  # a bool is not a size
+    ("pretrain_eo.epochs=0", "pretrain_eo.epochs"),  # out of range
+    ("augment.scale=1.5", "augment.scale"),
+    ("infer.cluster.tau=2", "infer.cluster.tau"),
+    ("infer.tta.views=[identity, spin]", "infer.tta.views"),
+    ("infer.ood.method=openmax", "infer.ood.method"),
+    ("data.sar_fit=stretch", "data.sar_fit"),
+    ("distill_sar.loss.alpha=[1, -2]", "distill_sar.loss.alpha"),
+])
+def test_bad_values_stop_at_load_with_their_dotted_key(override, key):
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        config.load_config("quick", [override])
+
+
+def test_a_profile_file_is_checked_like_overrides(tmp_path):
+    good = tmp_path / "mine.yaml"
+    good.write_text("distill_sar:\n  epochs: 3\n  distill: {kd_weight: 0}\n")
+    cfg = config.load_config(good)
+    assert cfg.distill_sar.epochs == 3 and cfg.distill_sar.distill.kd_weight == 0 and cfg.distill_sar.distill.temperature == 4.0
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("infer:\n  tta:\n    view: [identity]\n")
+    with pytest.raises(UserError, match="infer.tta.view: no such config key.*did you mean infer.tta.views"):
+        config.load_config(typo)
+    assert config.with_overrides(cfg, {"seed": 3}).seed == 3
+    with pytest.raises(UserError, match="seed"):
+        config.with_overrides(cfg, {"seed": -1})
+
+
 def test_stage_config_holds_common_sections_and_own():
     sc = config.stage_config(config.load_config("quick"), "distill_sar")
     assert set(sc) == {"seed", "data", "augment", "model", "distill_sar"}
+    assert sc["distill_sar"]["distill"]["temperature"] == 4.0  # plain data, as manifests store it
+
+
+def test_stage_registry_is_the_one_stage_graph():
+    from pipeline import artifacts, registry, run_all
+
+    assert registry.PIPELINE == ("pretrain_eo", "distill_sar", "finetune_head", "infer")
+    for name in registry.PIPELINE[1:]:
+        parents = registry.STAGES[name].parents
+        assert parents and all(p in registry.STAGE_OF_ARTIFACT for p in parents)  # every parent is written upstream
+    assert artifacts.ARTIFACT_OF_STAGE is registry.ARTIFACT_OF_STAGE
+    assert run_all.build_parser().parse_args(["--from", "finetune_head"]).from_stage == "finetune_head"
+    assert run_all.selected_stages(run_all.build_parser().parse_args(["--from", "finetune_head"])) == ["finetune_head", "infer"]
+
+
+def test_shared_flags_are_declared_once_and_forwarded_exactly(tmp_path):
+    import argparse
+
+    from pipeline import cli, run_all
+
+    argv = ["--data", str(tmp_path), "--profile", "tiny", "--set", "seed=2", "--set", "data.val_fraction=0.3",
+            "--holdout-classes", "a,b", "--skip-bad", "--cache-dir", str(tmp_path / "c")]
+    stage_args = cli.add_run_flags(argparse.ArgumentParser()).parse_args(argv)
+    forwarded = cli.forward_run_flags(stage_args)
+    assert cli.add_run_flags(argparse.ArgumentParser()).parse_args(forwarded) == stage_args
+    cmd = run_all.stage_command("distill_sar", run_all.build_parser().parse_args(argv), tmp_path)
+    assert cmd[cmd.index("stages.distill_sar") + 1:][:len(forwarded)] == forwarded
 
 
 def test_metrics_match_sklearn():

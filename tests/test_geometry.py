@@ -9,13 +9,19 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.config import DataConfig, validate_config
 from pipeline.data.geometry import ChipGeometry, resolve_geometry
 from pipeline.data.pack import crop_or_pad_chip, fit_chip
 from pipeline.errors import UserError
 from pipeline.models import ChipInput, create_model, model_from_spec, model_spec
 
 DATA = {"eo_size": "auto", "eo_fit": "crop", "eo_margin": 0, "eo_auto_fraction": 1.0,
-        "sar_size": "auto", "sar_fit": "crop", "sar_margin": 0.1, "sar_auto_fraction": 0.5}
+        "sar_size": "auto", "sar_fit": "crop", "sar_margin": 0.1, "sar_auto_fraction": 0.5, "sar_auto_max": None}
+
+
+def data_cfg(**changes: object) -> DataConfig:
+    """The data section with these geometry settings; bad values fail at load, with the dotted key."""
+    return validate_config({"data": {**DATA, **changes}}).data
 
 
 def test_crop_keeps_pixels_and_pads_small_chips() -> None:
@@ -42,21 +48,21 @@ def _write(folder: Path, sizes: list[int]) -> list[Path]:
 
 def test_auto_window_is_a_fraction_of_the_median_chip(tmp_path: Path) -> None:
     sar = _write(tmp_path / "sar", [120, 128, 128, 130, 192])
-    geometry = resolve_geometry(DATA, "sar", sar)
+    geometry = resolve_geometry(data_cfg(), "sar", sar)
     assert geometry == ChipGeometry(packed=64 + 2 * 6, window=64, fit="crop")  # 0.5 x 128; margin 0.1 x 64
     eo = _write(tmp_path / "eo", [31, 31, 32])
-    assert resolve_geometry(DATA, "eo", [None, *eo]) == ChipGeometry(packed=31, window=31, fit="crop")
-    capped = resolve_geometry({**DATA, "sar_auto_fraction": 1.0, "sar_auto_max": 88}, "sar", sar)
+    assert resolve_geometry(data_cfg(), "eo", [None, *eo]) == ChipGeometry(packed=31, window=31, fit="crop")
+    capped = resolve_geometry(data_cfg(sar_auto_fraction=1.0, sar_auto_max=88), "sar", sar)
     assert capped.window == 88  # 128-px chips: the cap; smaller chips keep their whole median side
-    assert resolve_geometry({**DATA, "sar_auto_fraction": 1.0, "sar_auto_max": 88}, "sar", eo).window == 31
-    with pytest.raises(UserError, match="sar_auto_max"):
-        resolve_geometry({**DATA, "sar_auto_max": 2}, "sar", sar)
-    fixed = resolve_geometry({**DATA, "sar_size": 40, "sar_margin": 3}, "sar", sar)
+    assert resolve_geometry(data_cfg(sar_auto_fraction=1.0, sar_auto_max=88), "sar", eo).window == 31
+    with pytest.raises(UserError, match="data.sar_auto_max"):
+        data_cfg(sar_auto_max=2)
+    fixed = resolve_geometry(data_cfg(sar_size=40, sar_margin=3), "sar", sar)
     assert (fixed.window, fixed.packed, fixed.margin) == (40, 46, 3)
     with pytest.raises(UserError, match="data.sar_fit"):
-        resolve_geometry({**DATA, "sar_fit": "stretch"}, "sar", sar)
+        data_cfg(sar_fit="stretch")
     with pytest.raises(UserError, match="data.sar_size"):
-        resolve_geometry({**DATA, "sar_size": -3}, "sar", sar)
+        data_cfg(sar_size=-3)
 
 
 def test_chip_input_centre_crops_and_standardises() -> None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import DistillConfig, LossConfig, validate_config
 from pipeline.errors import UserError
 from pipeline.losses import (
     DistillationLoss,
@@ -113,28 +114,28 @@ def test_build_classification_loss() -> None:
     inv = np.array([1 / 50, 1 / 5, 1 / 1])
     alpha = torch.tensor(inv / inv.mean(), dtype=torch.float32)
     expected = (alpha[target] * (1 - p_true) ** 1.5 * -p_true.log()).mean()
-    focal = build_classification_loss({"kind": "focal", "gamma": 1.5, "alpha": "inverse_freq"}, counts)
+    focal = build_classification_loss(LossConfig.model_validate({"kind": "focal", "gamma": 1.5, "alpha": "inverse_freq"}), counts)
     torch.testing.assert_close(focal(logits, target), expected)
 
     # focal with defaults (gamma 2, no alpha) and label smoothing 0.3: q = 0.7 one-hot + 0.3 / 3
     q = torch.full((4, 3), 0.1).scatter_(1, target[:, None], 0.8)
     expected = ((1 - p_true) ** 2 * -(q * p.log()).sum(dim=1)).mean()
-    smoothed = build_classification_loss({"kind": "focal", "alpha": "none", "label_smoothing": 0.3}, counts)
+    smoothed = build_classification_loss(LossConfig.model_validate({"kind": "focal", "alpha": "none", "label_smoothing": 0.3}), counts)
     torch.testing.assert_close(smoothed(logits, target), expected)
 
     # ce ignores gamma; label smoothing 0.1 is torch's label-smoothed cross-entropy
-    ce = build_classification_loss({"kind": "ce", "gamma": 2.0, "alpha": "none", "label_smoothing": 0.1}, counts)
+    ce = build_classification_loss(LossConfig.model_validate({"kind": "ce", "gamma": 2.0, "alpha": "none", "label_smoothing": 0.1}), counts)
     q = torch.full((4, 3), 0.1 / 3).scatter_(1, target[:, None], 0.9 + 0.1 / 3)
     torch.testing.assert_close(ce(logits, target), -(q * p.log()).sum(dim=1).mean())
     torch.testing.assert_close(ce(logits, target), F.cross_entropy(logits, target, label_smoothing=0.1))
 
     # ce with explicit alpha: per-sample weights alpha_y (normalised to mean 1 over present classes)
-    weighted = build_classification_loss({"kind": "ce", "alpha": [1.0, 2.0, 3.0]}, counts)
+    weighted = build_classification_loss(LossConfig.model_validate({"kind": "ce", "alpha": [1.0, 2.0, 3.0]}), counts)
     alpha = torch.tensor([0.5, 1.0, 1.5])
     torch.testing.assert_close(weighted(logits, target), (alpha[target] * -p_true.log()).mean())
 
-    with pytest.raises(UserError, match="loss.kind 'bce'"):
-        build_classification_loss({"kind": "bce"}, counts)
+    with pytest.raises(UserError, match="pretrain_eo.loss.kind"):
+        validate_config({"pretrain_eo": {"loss": {"kind": "bce"}}})
 
 
 def test_kd_zero_for_equal_logits_positive_otherwise_and_masked() -> None:
@@ -186,7 +187,7 @@ def test_feature_alignment(kind: str) -> None:
 def test_distillation_loss_combines_weighted_terms() -> None:
     cfg = {"temperature": 2.0, "kd_weight": 0.7, "supervised_weight": 1.3, "feature_weight": 0.5, "feature_loss": "cosine"}
     supervised = FocalLoss(gamma=0.0)
-    loss = DistillationLoss(supervised, cfg, student_dim=4, teacher_dim=6)
+    loss = DistillationLoss(supervised, DistillConfig.model_validate(cfg), student_dim=4, teacher_dim=6)
     s_logits, labels = _batch(n=5, c=3, seed=3)
     t_logits, _ = _batch(n=5, c=3, seed=4)
     s_emb, t_emb = torch.randn(5, 4), torch.randn(5, 6)
@@ -200,11 +201,11 @@ def test_distillation_loss_combines_weighted_terms() -> None:
 
 
 def test_distillation_without_feature_term_or_teacher() -> None:
-    loss = DistillationLoss(FocalLoss(gamma=0.0), {"temperature": 4.0, "kd_weight": 1.0, "feature_weight": 0.0}, 4, 6)
+    loss = DistillationLoss(FocalLoss(gamma=0.0), DistillConfig.model_validate({"temperature": 4.0, "kd_weight": 1.0, "feature_weight": 0.0}), 4, 6)
     assert loss.alignment is None
     s_logits, labels = _batch(n=3, c=3)
     total, parts = loss(s_logits, torch.randn(3, 4), None, None, labels)
     assert set(parts) == {"sup"}
     torch.testing.assert_close(total, parts["sup"])
-    with pytest.raises(UserError, match="temperature must be > 0"):
-        DistillationLoss(FocalLoss(), {"temperature": 0.0}, 4, 6)
+    with pytest.raises(UserError, match="distill_sar.distill.temperature"):
+        validate_config({"distill_sar": {"distill": {"temperature": 0.0}}})

@@ -9,6 +9,7 @@ from sklearn.covariance import ledoit_wolf_shrinkage
 from pipeline.errors import UserError
 from fake_data import toy_clusters
 
+from pipeline.config import OODConfig
 from pipeline.ood import DETECTORS, load_detector, make_detector, save_detector
 from pipeline.ood.knn import KNNDetector
 from pipeline.ood.mahalanobis import MahalanobisDetector
@@ -32,7 +33,7 @@ def _logits(emb, head):
 @pytest.mark.parametrize("name", sorted(DETECTORS))
 def test_planted_cluster_scores_above_a_far_point(name: str) -> None:
     emb, labels, head, test = _toy()
-    detector = make_detector(name, {"knn_k": 1}).fit(_logits(emb, head), emb, labels, head=head)
+    detector = make_detector(name, OODConfig(knn_k=1)).fit(_logits(emb, head), emb, labels, head=head)
     scores = detector.score(logits=_logits(test, head), embeddings=test)
     assert scores.dtype == np.float64 and scores.shape == (len(test),)
     assert scores[:-1].min() > scores[-1]  # higher = more in-distribution; the last row is the far point
@@ -115,7 +116,7 @@ def test_vim_equals_the_reference_computation() -> None:
 def test_state_round_trips_through_npz(name: str, tmp_path) -> None:
     emb, labels, head, test = _toy(seed=4)
     cfg = {"knn_k": 2, "temperature": 1.5, "mahalanobis_shrinkage": "auto", "vim_dim": 3}
-    detector = make_detector(name, cfg, seed=7).fit(_logits(emb, head), emb, labels, head=head)
+    detector = make_detector(name, OODConfig.model_validate(cfg), seed=7).fit(_logits(emb, head), emb, labels, head=head)
     path = save_detector(detector, tmp_path / "ood_detector.npz")
     with np.load(path, allow_pickle=False) as data:  # readable without pickle
         assert "__state__" in data.files
@@ -132,4 +133,4 @@ def test_unfitted_detector_refuses_to_score_and_unknown_names_are_user_errors() 
     with pytest.raises(RuntimeError, match="fitted"):
         KNNDetector().score(embeddings=test)
     with pytest.raises(UserError, match="knn, mahalanobis, vim or auto"):
-        make_detector("openmax", {})
+        make_detector("openmax")

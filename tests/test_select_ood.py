@@ -97,7 +97,7 @@ def test_infer_with_knn_scores_equal_a_detector_refitted_by_hand(trained, capsys
     from pipeline.data.datasets import ChipDataset
     from pipeline.models import model_from_spec
     from pipeline.ood import load_detector
-    from pipeline.stage import build_parser, prepare_stage, train_val_rows
+    from pipeline.stage import build_parser, prepare_stage
     from pipeline.tta import predict_tta
     from stages import infer
 
@@ -116,16 +116,16 @@ def test_infer_with_knn_scores_equal_a_detector_refitted_by_hand(trained, capsys
     model = model_from_spec(spec)
     model.load_state_dict(load_file(str(weights / "sar_final.safetensors")))
     model.eval()
-    ctx = prepare_stage("infer", build_parser("infer", None, training=False).parse_args(_argv(trained)))
-    train_rows, _ = train_val_rows(ctx, "sar")
+    ctx = prepare_stage("infer", build_parser("infer", None).parse_args(_argv(trained)))
+    train_rows, _ = ctx.data.train_val_rows("sar")
     assert summary["ood"]["fitted_on_chips"] == len(train_rows)
-    tta = ctx.cfg["infer"]["tta"]
+    tta = ctx.cfg.infer.tta
     norm = (spec["norm"]["mean"], spec["norm"]["std"])
 
     def embed(images, rows):
         ds = ChipDataset(images, rows, np.zeros(len(rows), np.int64), norm=norm)
         x = torch.stack([ds[i]["image"] for i in range(len(ds))])
-        return predict_tta(model, x, list(tta["views"]), list(tta["scales"]), tta["average"]).embeddings.numpy()
+        return predict_tta(model, x, tta.views, tta.scales, tta.average).embeddings.numpy()
 
     bank = embed(ctx.packed.train_sar, ctx.packed.train_index["sar_row"].to_numpy()[train_rows])
     test = embed(ctx.packed.test_sar, ctx.packed.test_index["sar_row"].to_numpy())

@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.data.synth import generate
-from pipeline.models import model_from_spec
 from stages import distill_sar, finetune_head, infer, pretrain_eo
 
 

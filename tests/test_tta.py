@@ -242,16 +242,17 @@ def test_bad_scales_and_non_square_rotations_are_user_errors() -> None:
 
 
 def test_infer_predict_scores_ood_from_raw_logits_under_probability_averaging() -> None:
-    """stages.infer.predict: labels from the averaged probabilities, OOD logits from the raw mean logits."""
+    """pipeline.inference.predict: labels from the averaged probabilities, OOD logits from the raw mean logits."""
     from pipeline.ood import ood_score
-    from stages.infer import predict, softmax
+    from pipeline.config import InferConfig
+    from pipeline.inference import predict, softmax
 
     torch.manual_seed(0)
     model, x = CornerModel(), _images(batch=5) * 4.0
     dataset = [{"image": x[i], "index": torch.tensor(i)} for i in range(len(x))]
     views = ["identity", "hflip", "vflip", "rot180"]
     runs = {
-        average: predict(model, dataset, {"batch_size": 2, "tta": {"views": views, "scales": [1.0], "average": average}},
+        average: predict(model, dataset, InferConfig.model_validate({"batch_size": 2, "tta": {"views": views, "scales": [1.0], "average": average}}),
                          torch.device("cpu"))
         for average in ("probs", "logits")
     }

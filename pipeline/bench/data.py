@@ -28,6 +28,7 @@ from pipeline.config import load_config
 from pipeline.data import synth
 from pipeline.data.augment import Augmenter, build_augmenter
 from pipeline.data.datasets import Norm, PairedChipDataset
+from pipeline.data.geometry import resolve_geometry
 from pipeline.data.layout import discover_layout
 from pipeline.data.pack import PackedData, decode_chip, pack_dataset
 from pipeline.data.samplers import make_sampler
@@ -127,13 +128,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     console = Console()
-    data_cfg = load_config("quick")["data"]
-    eo_size, sar_size, interpolation = data_cfg["eo_size"], data_cfg["sar_size"], data_cfg["interpolation"]
+    data_cfg = load_config("quick").data
 
     dataset_dir = _dataset_dir(args, console)
     start = time.perf_counter()
     layout = discover_layout(dataset_dir)
     discover_s = time.perf_counter() - start
+    eo_size = resolve_geometry(data_cfg, "eo", [item.eo_path for item in layout.train]).packed
+    sar_size = resolve_geometry(data_cfg, "sar", [item.sar_path for item in layout.train]).packed
+    interpolation = data_cfg.interpolation
     n_images = sum((item.eo_path is not None) + (item.sar_path is not None) for item in layout.train) + len(layout.test)
     args.data_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.data_dir, prefix="packs-") as cache:

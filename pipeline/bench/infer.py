@@ -11,17 +11,17 @@ labelled generic test split).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.cli import REPO_ROOT, add_run_flags, forward_run_flags
 from pipeline.tta import VIEW_NAMES
-from stages import infer
 
 VARIANTS: dict[str, list[str]] = {
     "profile (TTA + voting, energy)": [],
@@ -38,27 +38,17 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="data/synthetic")
-    parser.add_argument("--weights", default="weights")
-    parser.add_argument("--profile", default="quick")
-    parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--holdout-classes", default=None)
-    parser.add_argument("--train-dir", default=None)
-    parser.add_argument("--test-dir", default=None)
+    parser = add_run_flags(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
-    base = ["--data", args.data, "--weights", args.weights, "--profile", args.profile]
-    for flag in ("cache_dir", "holdout_classes", "train_dir", "test_dir"):
-        if getattr(args, flag):
-            base += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+    base = forward_run_flags(args)
     table = Table(title=f"inference variants ({args.data}, profile {args.profile})")
     for col in ("variant", "views", "img/s", "accuracy", "AUROC", "competition", "votes changed"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     with tempfile.TemporaryDirectory() as subs:
         for i, (name, overrides) in enumerate(VARIANTS.items()):
             sets = [x for o in overrides for x in ("--set", o)]
-            with contextlib.redirect_stdout(io.StringIO()):
-                infer.main([*base, *sets, "--submissions", subs, "--run", f"v{i}"])
+            cmd = [sys.executable, "-m", "stages.infer", *base, *sets, "--submissions", subs, "--run", f"v{i}"]
+            subprocess.run(cmd, cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
             summary = json.loads((Path(subs) / f"v{i}" / "summary.json").read_text())
             score = summary.get("score") or {}
             table.add_row(

@@ -21,7 +21,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.artifacts import ARTIFACT_OF_STAGE, ArtifactPaths
+from pipeline.artifacts import ArtifactPaths
+from pipeline.registry import ARTIFACT_OF_STAGE
 from pipeline.config import load_config
 from pipeline.models import model_from_spec
 
@@ -66,8 +67,9 @@ def main(argv: list[str] | None = None) -> None:
         manifest = json.loads(paths.manifest.read_text())
         history = pd.read_csv(paths.metrics_csv)
         stage_rate = float(history["images_per_s"].max())
-        batch = int(cfg[stage]["batch_size"])
-        head_only = stage == "finetune_head" and not cfg[stage]["augment"]
+        stage_cfg = cfg.section(stage)
+        batch = stage_cfg.batch_size
+        head_only = stage == "finetune_head" and not stage_cfg.augment
         bare = bare_rate(manifest["model"], batch, head_only=head_only)
         size = "x".join(map(str, manifest["model"]["input_size"])) + (" (embeddings)" if head_only else "")
         table.add_row(stage, size, str(batch), f"{stage_rate:,.0f}", f"{bare:,.0f}", f"{stage_rate / bare:.2f}",

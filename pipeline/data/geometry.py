@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.config import DataConfig
 
 FITS = ("resize", "crop", "pad")
 HEADER_SAMPLE = 400  # image headers read to measure the median chip side
@@ -60,28 +60,16 @@ def median_side(paths: Iterable[Path | str | None], sample: int = HEADER_SAMPLE)
     return int(np.median(sides)) if sides else None
 
 
-def resolve_geometry(data_cfg: dict[str, Any], modality: str, paths: Iterable[Path | str | None]) -> ChipGeometry:
-    """The `data.<modality>_size/_fit/_margin` settings made concrete for this dataset's chips."""
-    size, fit = data_cfg[f"{modality}_size"], str(data_cfg[f"{modality}_fit"])
-    margin = data_cfg[f"{modality}_margin"]
-    if fit not in FITS:
-        raise UserError(f"data.{modality}_fit '{fit}' is unknown: expected one of {', '.join(FITS)}")
-    if size == "auto":
-        fraction = float(data_cfg[f"{modality}_auto_fraction"])
-        if not 0 < fraction <= 1.5:
-            raise UserError(f"data.{modality}_auto_fraction must be in (0, 1.5], got {fraction}")
+def resolve_geometry(data_cfg: DataConfig, modality: str, paths: Iterable[Path | str | None]) -> ChipGeometry:
+    """The `data.<modality>_size/_fit/_margin` settings (validated by the schema) made concrete for this dataset's chips."""
+    g = data_cfg.geometry_keys(modality)
+    if g["size"] == "auto":
         median = median_side(paths)
-        window = max(8, int(round(fraction * median))) if median else 32
-        cap = data_cfg.get(f"{modality}_auto_max")
-        if cap is not None:
-            if isinstance(cap, bool) or not isinstance(cap, int) or cap < 8:
-                raise UserError(f"data.{modality}_auto_max must be an integer >= 8 or null, got {cap!r}")
-            window = min(window, cap)
-    elif isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise UserError(f"data.{modality}_size must be a positive integer or auto, got {size!r}")
+        window = max(8, int(round(g["auto_fraction"] * median))) if median else 32
+        if g["auto_max"] is not None:
+            window = min(window, g["auto_max"])
     else:
-        window = int(size)
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
-        raise UserError(f"data.{modality}_margin must be a number >= 0 (pixels, or a fraction of the window below 1), got {margin!r}")
-    pixels = int(round(margin * window)) if isinstance(margin, float) and margin < 1 else int(margin)
-    return ChipGeometry(packed=window + 2 * pixels, window=window, fit=fit)
+        window = int(g["size"])
+    margin = float(g["margin"])
+    pixels = int(round(margin * window)) if margin < 1 else int(margin)
+    return ChipGeometry(packed=window + 2 * pixels, window=window, fit=g["fit"])

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.config import OODConfig
 from pipeline.errors import UserError
 from pipeline.ood.base import OODDetector, check_temperature, logits_array
 from pipeline.ood.energy import EnergyDetector, energy_score
@@ -63,9 +64,9 @@ def detector_class(name: str) -> type[OODDetector]:
     return DETECTORS[name]
 
 
-def make_detector(name: str, ood_cfg: dict[str, Any] | None = None, seed: int = 0, **overrides: Any) -> OODDetector:
+def make_detector(name: str, ood_cfg: OODConfig | None = None, seed: int = 0, **overrides: Any) -> OODDetector:
     """The (unfitted) detector `name` with its parameters from `ood_cfg` (infer.ood), then `overrides`."""
-    return detector_class(name).from_config(ood_cfg or {}, seed=seed, **overrides)
+    return detector_class(name).from_config(ood_cfg or OODConfig(), seed=seed, **overrides)
 
 
 def detector_from_state(state: dict[str, Any]) -> OODDetector:

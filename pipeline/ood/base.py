@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from pipeline.config import OODConfig
 from pipeline.errors import UserError
 
 STATE_FORMAT = 1  # bumped when the saved layout of a detector's state changes
@@ -92,7 +93,7 @@ class OODDetector(abc.ABC):
         return {}
 
     @classmethod
-    def from_config(cls, ood_cfg: dict[str, Any], seed: int = 0, **overrides: Any) -> "OODDetector":
+    def from_config(cls, ood_cfg: OODConfig, seed: int = 0, **overrides: Any) -> "OODDetector":
         """The detector from the `infer.ood` config section; `overrides` replace parameters by name."""
         return cls(**overrides)
 
@@ -171,8 +172,8 @@ class TemperatureDetector(OODDetector):
         return {"temperature": self.temperature}
 
     @classmethod
-    def from_config(cls, ood_cfg: dict[str, Any], seed: int = 0, **overrides: Any) -> "TemperatureDetector":
-        return cls(**{"temperature": ood_cfg.get("temperature", 1.0), **overrides})
+    def from_config(cls, ood_cfg: OODConfig, seed: int = 0, **overrides: Any) -> "TemperatureDetector":
+        return cls(**{"temperature": ood_cfg.temperature, **overrides})
 
 
 def labels_array(labels: Any, n: int) -> np.ndarray:

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from pipeline.artifacts import atomic_write_text
+from pipeline.config import OODConfig
 from pipeline.errors import UserError
-from pipeline.inference import predict
 from pipeline.ood import AUTO, OODDetector, make_detector
 from pipeline.submission import report_json
 
@@ -25,18 +25,6 @@ def head_of(model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
     """(weight (C, D), bias (C,)) of the model's linear classifier, float64."""
     layer = model.classifier
     return (layer.weight.detach().cpu().double().numpy(), layer.bias.detach().cpu().double().numpy())
-
-
-def fit_on_split(
-    detector: OODDetector, model: torch.nn.Module, dataset: Any, labels: np.ndarray, infer_cfg: dict,
-    device: torch.device,
-) -> OODDetector:
-    """Fit `detector` on the TTA-averaged logits/embeddings of `dataset` (the training split) under the
-    infer section's `tta` and `batch_size`; a detector that needs no fitting returns untouched."""
-    if not detector.needs_fit:
-        return detector
-    _, logits, embeddings = predict(model, dataset, infer_cfg, device)
-    return detector.fit(logits, embeddings, np.asarray(labels, dtype=np.int64), head=head_of(model))
 
 
 def choice_path(weights_dir: str | Path) -> Path:
@@ -66,10 +54,10 @@ def read_choice(weights_dir: str | Path, model_sha256: str) -> dict[str, Any]:
 
 
 def resolve_detector(
-    ood_cfg: dict[str, Any], weights_dir: str | Path, model_sha256: str, seed: int = 0
+    ood_cfg: OODConfig, weights_dir: str | Path, model_sha256: str, seed: int = 0
 ) -> tuple[OODDetector, dict[str, Any] | None]:
     """The unfitted detector `infer.ood.method` asks for, and the selection record when it is auto."""
-    method = str(ood_cfg["method"])
+    method = ood_cfg.method
     if method != AUTO:
         return make_detector(method, ood_cfg, seed=seed), None
     choice = read_choice(weights_dir, model_sha256)

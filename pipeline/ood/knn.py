@@ -19,6 +19,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from pipeline.config import OODConfig
 from pipeline.errors import UserError
 from pipeline.ood.base import OODDetector, as_float_array, check_positive_int, labels_array
 
@@ -62,8 +63,8 @@ class KNNDetector(OODDetector):
         return {"k": self.k, "max_per_class": self.max_per_class, "seed": self.seed}
 
     @classmethod
-    def from_config(cls, ood_cfg: dict[str, Any], seed: int = 0, **overrides: Any) -> "KNNDetector":
-        params = {"k": ood_cfg.get("knn_k", 1), "max_per_class": ood_cfg.get("knn_max_per_class"), "seed": seed}
+    def from_config(cls, ood_cfg: OODConfig, seed: int = 0, **overrides: Any) -> "KNNDetector":
+        params = {"k": ood_cfg.knn_k, "max_per_class": ood_cfg.knn_max_per_class, "seed": seed}
         return cls(**{**params, **overrides})
 
     def _fit(self, logits: Any, embeddings: Any, labels: Any, head: Any) -> None:

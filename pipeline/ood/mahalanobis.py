@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from sklearn.covariance import ledoit_wolf_shrinkage
 
+from pipeline.config import OODConfig
 from pipeline.errors import UserError
 from pipeline.ood.base import OODDetector, as_float_array, labels_array
 
@@ -59,8 +60,8 @@ class MahalanobisDetector(OODDetector):
         return {"shrinkage": self.shrinkage}
 
     @classmethod
-    def from_config(cls, ood_cfg: dict[str, Any], seed: int = 0, **overrides: Any) -> "MahalanobisDetector":
-        return cls(**{"shrinkage": ood_cfg.get("mahalanobis_shrinkage", "auto"), **overrides})
+    def from_config(cls, ood_cfg: OODConfig, seed: int = 0, **overrides: Any) -> "MahalanobisDetector":
+        return cls(**{"shrinkage": ood_cfg.mahalanobis_shrinkage, **overrides})
 
     def _fit(self, logits: Any, embeddings: Any, labels: Any, head: Any) -> None:
         x = as_float_array(embeddings, "embeddings")

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import OODConfig, SelectOODConfig
 from pipeline.errors import UserError
 from pipeline.metrics import auroc
-from pipeline.ood import detector_class, make_detector
-from pipeline.ood.base import check_positive_int
+from pipeline.ood import make_detector
 from pipeline.ood.knn import capped_rows
 
 
@@ -55,17 +55,12 @@ class CandidateResult:
         return float(np.std(a, ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("nan")
 
 
-def candidates(select_cfg: dict[str, Any]) -> list[Candidate]:
+def candidates(select_cfg: SelectOODConfig) -> list[Candidate]:
     """The candidates of `select_ood.candidates`, knn once per `select_ood.knn_k`."""
-    names = list(select_cfg["candidates"])
-    if not names:
-        raise UserError("select_ood.candidates is empty: list detectors such as energy, knn, mahalanobis")
     out = []
-    for name in names:
-        detector_class(str(name))  # UserError listing the valid names
+    for name in select_cfg.candidates:
         if name == "knn":
-            ks = select_cfg.get("knn_k") or [1]
-            out.extend(Candidate(f"knn(k={k})", "knn", {"k": check_positive_int(k, "select_ood.knn_k")}) for k in ks)
+            out.extend(Candidate(f"knn(k={k})", "knn", {"k": k}) for k in select_cfg.knn_k)
         else:
             out.append(Candidate(str(name), str(name)))
     return out
@@ -114,7 +109,7 @@ def leave_one_class_out(
     val_emb: np.ndarray,
     val_labels: np.ndarray,
     cands: list[Candidate],
-    ood_cfg: dict[str, Any],
+    ood_cfg: OODConfig,
     head_c: float = 1.0,
     max_per_class: int | None = None,
     seed: int = 0,

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import OODConfig
 from pipeline.errors import UserError
 from pipeline.ood.base import OODDetector, as_float_array, as_vector, check_positive_int
 
@@ -62,8 +63,8 @@ class ViMDetector(OODDetector):
         return {"dim": self.dim}
 
     @classmethod
-    def from_config(cls, ood_cfg: dict[str, Any], seed: int = 0, **overrides: Any) -> "ViMDetector":
-        return cls(**{"dim": ood_cfg.get("vim_dim", "auto"), **overrides})
+    def from_config(cls, ood_cfg: OODConfig, seed: int = 0, **overrides: Any) -> "ViMDetector":
+        return cls(**{"dim": ood_cfg.vim_dim, **overrides})
 
     def _fit(self, logits: Any, embeddings: Any, labels: Any, head: Any) -> None:
         if head is None:
