@@ -78,6 +78,17 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return out.to(values.device)
 
 
+def all_reduce_min_(values: torch.Tensor) -> torch.Tensor:
+    """Elementwise minimum of a small tensor over all processes, in place; returns it."""
+    if not is_distributed():
+        return values
+    out = values.detach().to(_collective_device())
+    dist.all_reduce(out, op=dist.ReduceOp.MIN)
+    if out.data_ptr() != values.data_ptr():
+        values.copy_(out)
+    return values
+
+
 def all_reduce_min(value: int) -> int:
     """The smallest of one integer over all processes."""
     if not is_distributed():

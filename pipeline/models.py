@@ -3,7 +3,7 @@
 `create_model` builds a `ChipClassifier` from a timm name (never downloads anything). The
 `small_input` option gives ResNet-family models a CIFAR-style stem (stride 1, no max-pool), which
 suits 32-56 px chips far better than the ImageNet stride-4 stem. `init_weights` loads a local
-checkpoint, summing a 3-channel first conv down to 1 channel. `model_spec` / `model_from_spec`
+checkpoint, summing a 3-channel first conv down to 1 channel (`timm.models.adapt_input_conv`). `model_spec` / `model_from_spec`
 describe a model in an artifact manifest and rebuild it from there.
 """
 
@@ -19,10 +19,14 @@ import timm
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from timm.models import adapt_input_conv, clean_state_dict
 from torch import Tensor, nn
 
 from pipeline import nets  # noqa: F401  (registers the compact nets with timm)
 from pipeline.errors import UserError
+from pipeline.log import get_logger
+
+log = get_logger(__name__)
 
 IN_CHANS = 1
 INTENSITIES = ("none", "standardize", "log")
@@ -163,6 +167,11 @@ def create_model(
 
 
 def _read_checkpoint(path: Path) -> dict[str, Tensor]:
+    """The state dict in a local file, DDP/compile prefixes removed (`clean_state_dict`).
+
+    Not `timm.models.load_state_dict`: it asserts or raises bare FileNotFoundError / unpickling errors,
+    and prefers an EMA entry; here every failure is one UserError and the keys looked for are ours.
+    """
     if not path.is_file():
         raise UserError(f"init_weights file {path} not found: give a local .safetensors or torch checkpoint")
     try:
@@ -178,7 +187,7 @@ def _read_checkpoint(path: Path) -> dict[str, Tensor]:
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise UserError(f"init_weights file {path} holds no state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return clean_state_dict(state)
 
 
 def _as_classifier_keys(state: dict[str, Tensor], model: ChipClassifier) -> dict[str, Tensor]:
@@ -208,11 +217,11 @@ def load_init_weights(model: ChipClassifier, path: str | Path) -> None:
     if first_conv in state and first_conv in own:
         weight = state[first_conv]
         if weight.ndim == 4 and weight.shape[1] != IN_CHANS and own[first_conv].shape[1] == IN_CHANS:
-            state[first_conv] = weight.sum(dim=1, keepdim=True)
-            print(f"init_weights: summed {first_conv} over {weight.shape[1]} input channels -> 1")
+            state[first_conv] = adapt_input_conv(IN_CHANS, weight, base_chans=weight.shape[1])  # sum over channels
+            log.info(f"init_weights: summed {first_conv} over {weight.shape[1]} input channels -> 1")
     head_keys = [k for k in state if k.startswith("classifier.")]
     if any(k in own and state[k].shape != own[k].shape for k in head_keys):
-        print(
+        log.info(
             f"init_weights: dropped the checkpoint classifier ({state['classifier.weight'].shape[0]} classes, "
             f"model has {model.num_classes}); the head starts from random init"
         )
@@ -220,7 +229,7 @@ def load_init_weights(model: ChipClassifier, path: str | Path) -> None:
             del state[k]
     mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
     if mismatched:
-        print(f"init_weights: skipped shape-mismatched tensors {_summary(mismatched)}")
+        log.warning(f"init_weights: skipped shape-mismatched tensors {_summary(mismatched)}")
     loadable = {k: v for k, v in state.items() if k in own and k not in mismatched}
     if not any(k.startswith("backbone.") for k in loadable):
         raise UserError(f"init_weights file {path} has no tensor that fits timm model '{model.timm_name}'")
@@ -228,10 +237,10 @@ def load_init_weights(model: ChipClassifier, path: str | Path) -> None:
     missing = [k for k in result.missing_keys if k not in mismatched]
     unexpected = [k for k in state if k not in own]
     if missing:
-        print(f"init_weights: missing (random init) {_summary(missing)}")
+        log.warning(f"init_weights: missing (random init) {_summary(missing)}")
     if unexpected:
-        print(f"init_weights: unexpected (ignored) {_summary(unexpected)}")
-    print(f"init_weights: loaded {len(loadable)} tensors from {path}")
+        log.info(f"init_weights: unexpected (ignored) {_summary(unexpected)}")
+    log.info(f"init_weights: loaded {len(loadable)} tensors from {path}")
 
 
 def model_spec(model: ChipClassifier, input_size: int | tuple[int, int], norm: dict) -> dict[str, Any]:

@@ -28,16 +28,16 @@ class ClassifierTask:
     def module(self) -> nn.Module:
         return self.model
 
-    def trainable_parameters(self) -> Iterable[nn.Parameter]:
-        return self.model.parameters()
+    @property
+    def saved_module(self) -> nn.Module:
+        return self.model
 
     def train_mode(self) -> None:
         self.model.train()
 
-    def loss(self, batch: dict[str, Tensor], module: nn.Module | None = None) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, Tensor], module: nn.Module | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         logits = (module or self.model)(batch[self.image_key])
-        loss = self.loss_fn(logits, batch["label"])
-        return loss, {"loss": float(loss.detach())}
+        return self.loss_fn(logits, batch["label"]), {}
 
     def logits(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         return self.model(batch[self.image_key]), batch["label"]
@@ -76,20 +76,20 @@ class DistillTask:
     def module(self) -> nn.Module:
         return self.wrapper
 
-    def trainable_parameters(self) -> Iterable[nn.Parameter]:
-        return self.wrapper.parameters()
+    @property
+    def saved_module(self) -> nn.Module:
+        return self.student
 
     def train_mode(self) -> None:
         self.wrapper.train()
         self.teacher.eval()
 
-    def loss(self, batch: dict[str, Tensor], module: nn.Module | None = None) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, Tensor], module: nn.Module | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         logits, emb = (module or self.wrapper)(batch["sar"])
         with torch.no_grad():
             t_emb = self.teacher.embed(batch["eo"])
             t_logits = self.teacher.head(t_emb)
-        total, parts = self.wrapper.criterion(logits, emb, t_logits, t_emb, batch["label"], batch["has_eo"])
-        return total, {"loss": float(total.detach()), **{k: float(v) for k, v in parts.items()}}
+        return self.wrapper.criterion(logits, emb, t_logits, t_emb, batch["label"], batch["has_eo"])
 
     def logits(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         return self.student(batch["sar"]), batch["label"]
@@ -120,8 +120,9 @@ class HeadTask:
     def module(self) -> nn.Module:
         return self.model.classifier
 
-    def trainable_parameters(self) -> Iterable[nn.Parameter]:
-        return self.model.classifier.parameters()
+    @property
+    def saved_module(self) -> nn.Module:
+        return self.model
 
     def train_mode(self) -> None:
         self.model.eval()
@@ -133,10 +134,9 @@ class HeadTask:
         with torch.no_grad():
             return self.model.embed(batch["image"])
 
-    def loss(self, batch: dict[str, Tensor], module: nn.Module | None = None) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, Tensor], module: nn.Module | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         logits = (module or self.model.classifier)(self._embeddings(batch))
-        loss = self.loss_fn(logits, batch["label"])
-        return loss, {"loss": float(loss.detach())}
+        return self.loss_fn(logits, batch["label"]), {}
 
     def logits(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         return self.model.classifier(self._embeddings(batch)), batch["label"]

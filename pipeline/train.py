@@ -1,10 +1,16 @@
 """The one training loop every stage uses.
 
 A stage describes what it trains as a `TrainTask` (see pipeline.tasks) and calls `fit`, which owns
-everything else: AdamW/SGD, cosine schedule with linear warm-up stepped per iteration, optional
-weight EMA, gradient clipping, bf16 autocast on CUDA, per-epoch reseeding, validation with balanced
-accuracy as the model-selection metric, a metrics CSV, an atomic resume checkpoint every epoch, DDP
-when torchrun started the process, and a stop with `TrainingDiverged` on a non-finite loss.
+everything else: AdamW/SGD with no weight decay on norms and biases (`timm.optim.create_optimizer_v2`),
+cosine schedule with linear warm-up stepped per update (`timm.scheduler.CosineLRScheduler`), optional
+weight EMA (`timm.utils.ModelEmaV3`), gradient clipping, bf16 autocast on CUDA, per-epoch reseeding,
+validation with balanced accuracy as the model-selection metric, a metrics CSV, an atomic resume
+checkpoint every epoch, DDP when torchrun started the process, and a stop with `TrainingDiverged` on a
+non-finite loss or gradient norm.
+
+Training losses are summed on the device and read back (and, under DDP, all-reduced) once every
+`SYNC_EVERY_STEPS` updates and at the end of the epoch, not every step: the divergence check happens
+there too, and names the first bad step, which the device recorded.
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -27,6 +32,9 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -34,10 +42,13 @@ from pipeline import distributed
 from pipeline.artifacts import ArtifactPaths, atomic_write, atomic_write_text
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError
-from pipeline.log import live_progress, make_console
+from pipeline.log import get_logger, live_progress, make_console
 from pipeline.metrics import classification_metrics
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: timm optimizer groups (no-decay group first) and EMA; 1-files are refused clearly
+SYNC_EVERY_STEPS = 50  # read the summed losses back (and check them) this often: one GPU sync per 50 steps
+
+log = get_logger(__name__)
 
 
 class TrainingDiverged(UserError):
@@ -49,18 +60,21 @@ class TrainTask(Protocol):
 
     `module` owns every trainable parameter; in a distributed run `fit` wraps it in DDP and passes the
     wrapper to `loss`, which must compute its trainable forward through that module so gradients are
-    synchronised. `state_dict` is what is EMA'd and saved as the best state (it may leave out
-    training-only parts such as a feature projection; the resume checkpoint keeps `module` whole).
+    synchronised. `saved_module` is the module whose state is EMA'd and saved as the best state
+    (`state_dict`; it may leave out training-only parts such as a feature projection; the resume
+    checkpoint keeps `module` whole). `loss` returns the loss and its named parts as detached 0-d
+    tensors on the device (no `float()`: that would synchronise every step).
     """
 
     @property
     def module(self) -> nn.Module: ...
 
-    def trainable_parameters(self) -> Iterable[nn.Parameter]: ...
+    @property
+    def saved_module(self) -> nn.Module: ...
 
     def train_mode(self) -> None: ...
 
-    def loss(self, batch: dict[str, Tensor], module: nn.Module | None = None) -> tuple[Tensor, dict[str, float]]: ...
+    def loss(self, batch: dict[str, Tensor], module: nn.Module | None = None) -> tuple[Tensor, dict[str, Tensor]]: ...
 
     def logits(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]: ...
 
@@ -77,42 +91,42 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-class WeightEma:
-    """Exponential moving average of a state dict; decay warms up as min(decay, (1+n)/(10+n))."""
+class WarmupEma(ModelEmaV3):
+    """timm's EMA (floats lerped, integer buffers copied) with this pipeline's decay warm-up.
 
-    def __init__(self, state: dict[str, Tensor], decay: float, updates: int = 0) -> None:
-        self.decay = float(decay)
-        self.updates = int(updates)
-        self.state = {k: v.detach().clone() for k, v in state.items()}
+    Kept from the hand-written EMA it replaces: decay min(decay, (1+n)/(10+n)) after n updates, so short
+    runs are not dominated by the initial weights. timm's own warm-up (1 - (1+n/gamma)^-power) is a
+    different curve, and ModelEmaV3 without warm-up copies the first update then jumps to `decay`.
+    """
 
-    @torch.no_grad()
-    def update(self, state: dict[str, Tensor]) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
-        floats = [k for k, v in self.state.items() if v.is_floating_point()]
-        if floats:
-            torch._foreach_lerp_([self.state[k] for k in floats], [state[k].detach() for k in floats], 1.0 - decay)
-        for k, v in self.state.items():
-            if not v.is_floating_point():
-                v.copy_(state[k])
+    def get_decay(self, step: int | None = None) -> float:
+        return self.decay if step is None else min(self.decay, (1.0 + step) / (10.0 + step))
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up to 1 over `warmup_steps`, then half-cosine towards 0 at `total_steps`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+def lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> tuple[CosineLRScheduler, int]:
+    """timm's cosine schedule in updates (t_in_epochs=False), and the offset from an update's index to its t.
+
+    Update s runs at the scheduler's value for t = s + offset (call `step_update(s + offset)` before it).
+    With warm-up the offset is 1: the first update already gets lr/warmup_steps (not 0), the warm-up
+    ends at the full lr on update warmup_steps - 1, and the cosine spans the remaining updates without
+    ever reaching 0. Without warm-up t = s: full lr on update 0, half-cosine over total_steps.
+    """
+    offset = 1 if warmup_steps > 0 else 0
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=max(1, total_steps - warmup_steps + offset),
+        lr_min=0.0,
+        warmup_t=warmup_steps,
+        warmup_lr_init=0.0,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+    return scheduler, offset
 
 
-def _checked_config(stage_cfg: TrainConfig) -> dict[str, Any]:
-    """The training settings the loop reads (validated by the schema at load)."""
-    return stage_cfg.model_dump(include={"epochs", "optimizer", "lr", "weight_decay", "warmup_epochs", "ema", "clip_grad", "steps_per_epoch"})
-
-
-def _steps_per_epoch(cfg: dict[str, Any], train_loader: Iterable) -> int:
-    if cfg["steps_per_epoch"] is not None:
-        steps = int(cfg["steps_per_epoch"])
+def _steps_per_epoch(cfg: TrainConfig, train_loader: Iterable) -> int:
+    if cfg.steps_per_epoch is not None:
+        steps = cfg.steps_per_epoch
     else:
         try:
             steps = len(train_loader)  # type: ignore[arg-type]
@@ -131,18 +145,6 @@ def _config_hash(stage_cfg: TrainConfig, num_classes: int, seed: int, steps_per_
         default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _build_optimizer(params: list[nn.Parameter], cfg: dict[str, Any]) -> torch.optim.Optimizer:
-    """No weight decay on 1-D tensors (norm scales, biases)."""
-    groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg["weight_decay"]},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    if cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=cfg["lr"], momentum=0.9, nesterov=True)
-    return torch.optim.AdamW(groups, lr=cfg["lr"])
 
 
 def _seed_epoch(seed: int, epoch: int) -> None:
@@ -181,14 +183,46 @@ def _cycle(loader: Iterable, steps: int) -> Iterator[Any]:
                 raise UserError("the training loader yielded no batches") from None
 
 
-def _mean_over_ranks(loss: Tensor, parts: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
-    """The step's loss (1-element tensor) and its logged parts, averaged over processes in one all-reduce."""
-    value = loss.detach().float().reshape(1)
-    if not distributed.is_distributed():
-        return value, parts
-    local = torch.cat([value, torch.tensor(list(parts.values()), dtype=torch.float32, device=value.device)])
-    mean = distributed.all_reduce_sum(local) / distributed.world_size()
-    return mean[:1], dict(zip(parts, mean[1:].tolist()))
+class _StepStats:
+    """Per-epoch sums of the loss and its parts, and the first non-finite step, kept on the device.
+
+    `add` never synchronises; `read` copies the sums (summed over processes) and the first bad step
+    (smallest over processes) to the host: two small all-reduces under DDP, called every
+    SYNC_EVERY_STEPS updates and at the end of the epoch.
+    """
+
+    NONE = float("inf")
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.names: list[str] = []
+        self.sums: Tensor | None = None
+        self.count = 0
+        # first step with a non-finite loss, and with a non-finite gradient norm (inf: none)
+        self.first_bad = torch.full((2,), self.NONE, dtype=torch.float64, device=device)
+
+    def add(self, step: int, loss: Tensor, parts: dict[str, Tensor], grad_norm: Tensor | None) -> None:
+        names = ["loss", *(k for k in parts if k != "loss")]
+        values = torch.stack([loss.detach().reshape(()), *(parts[k].detach().reshape(()) for k in names[1:])]).double()
+        if self.sums is None:
+            self.names, self.sums = names, torch.zeros_like(values)
+        elif names != self.names:
+            raise ValueError(f"the task's loss parts changed from {self.names} to {names} within an epoch")
+        self.sums += values
+        self.count += 1
+        grad_ok = torch.isfinite(grad_norm) if grad_norm is not None else torch.ones((), dtype=torch.bool, device=self.device)
+        finite = torch.stack([torch.isfinite(values).all(), grad_ok])
+        here = torch.full_like(self.first_bad, float(step))
+        self.first_bad = torch.minimum(self.first_bad, torch.where(finite, self.NONE, here))
+
+    def read(self) -> tuple[dict[str, float], tuple[int | None, int | None]]:
+        """Means over steps and processes, and the first step (or None) with a non-finite loss / gradient norm."""
+        assert self.sums is not None and self.count > 0
+        sums = distributed.all_reduce_sum(self.sums) / (self.count * distributed.world_size())
+        first_bad = distributed.all_reduce_min_(self.first_bad.clone())
+        means = dict(zip(self.names, sums.tolist()))
+        bad = tuple(None if v == self.NONE else int(v) for v in first_bad.tolist())
+        return means, bad  # type: ignore[return-value]
 
 
 def _cpu_clone(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -241,13 +275,15 @@ def _validate(
             with autocast():
                 logits, labels = task.logits(_to_device(batch, device))
             logits = logits.float()
-            known = labels >= 0
-            logits, labels = logits[known], labels[known]
-            nll_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-            labels_seen.append(labels.cpu().numpy())
-            predictions.append(logits.argmax(dim=1).cpu().numpy())
-    local_true = np.concatenate(labels_seen) if labels_seen else np.zeros(0, np.int64)
-    local_pred = np.concatenate(predictions) if predictions else np.zeros(0, np.int64)
+            known = labels >= 0  # no boolean indexing here: it would synchronise every batch
+            nll = F.cross_entropy(logits, labels.clamp_min(0), reduction="none")
+            nll_sum += torch.where(known, nll, 0.0).sum().double()
+            labels_seen.append(labels)  # stays on the device: one copy to the host after the loop
+            predictions.append(logits.argmax(dim=1))
+    local_true = torch.cat(labels_seen).cpu().numpy() if labels_seen else np.zeros(0, np.int64)
+    local_pred = torch.cat(predictions).cpu().numpy() if predictions else np.zeros(0, np.int64)
+    local_pred = local_pred[local_true >= 0]
+    local_true = local_true[local_true >= 0]
     y_true, y_pred = distributed.all_gather_arrays(local_true, local_pred)
     if y_true.size == 0:
         raise UserError("the validation split is empty: raise data.val_fraction or add training chips")
@@ -317,7 +353,7 @@ class _Trainer:
         console: Console | None,
     ) -> None:
         self.task = task
-        self.cfg = _checked_config(stage_cfg)
+        self.cfg = stage_cfg  # validated by the schema at load
         steps_per_epoch = _steps_per_epoch(self.cfg, train_loader)
         self.num_classes = num_classes
         self.paths = paths
@@ -326,19 +362,23 @@ class _Trainer:
         self.is_main = distributed.is_main_process()
         self.console = (console or make_console()) if self.is_main else None
         self.steps = steps_per_epoch
-        self.total_steps = self.cfg["epochs"] * steps_per_epoch
-        self.warmup_steps = min(self.total_steps, round(self.cfg["warmup_epochs"] * steps_per_epoch))
+        self.total_steps = self.cfg.epochs * steps_per_epoch
+        self.warmup_steps = min(self.total_steps, round(self.cfg.warmup_epochs * steps_per_epoch))
         self.config_hash = _config_hash(stage_cfg, num_classes, seed, steps_per_epoch)
         task.module.to(device)
         self.net: nn.Module = task.module
         if distributed.is_distributed():  # before the EMA copy: DDP broadcasts rank 0's weights
             device_ids = [device.index] if device.type == "cuda" else None
             self.net = DistributedDataParallel(task.module, device_ids=device_ids)
-        self.params = [p for p in task.trainable_parameters() if p.requires_grad]
+        self.params = [p for p in task.module.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the task has no trainable parameters")
-        self.optimizer = _build_optimizer(self.params, self.cfg)
-        self.ema = WeightEma(task.state_dict(), self.cfg["ema"]) if self.cfg["ema"] > 0 else None
+        # groups: no weight decay on 1-D tensors (norm scales, biases) nor on the model's no_weight_decay()
+        self.optimizer = create_optimizer_v2(
+            task.module, opt=self.cfg.optimizer, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, momentum=0.9
+        )
+        self.scheduler, self.schedule_offset = lr_scheduler(self.optimizer, self.warmup_steps, self.total_steps)
+        self.ema = WarmupEma(task.saved_module, decay=self.cfg.ema) if self.cfg.ema > 0 else None
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict[str, Any]] = []
@@ -353,10 +393,14 @@ class _Trainer:
 
     # -- persistence -------------------------------------------------------------------------
     def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a resume checkpoint: weights, optimizer moments, EMA weights and bookkeeping.
+
+        The schedule and the EMA decay are functions of `global_step`, so nothing else is needed.
+        """
         self.task.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.ema is not None:
-            self.ema = WeightEma({k: v.to(self.device) for k, v in state["ema"].items()}, self.cfg["ema"], state["ema_updates"])
+            self.ema.module.load_state_dict(state["ema"])
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
         self.history = list(state["history"])
@@ -372,8 +416,7 @@ class _Trainer:
             "global_step": self.global_step,
             "module": self.task.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "ema": self.ema.state if self.ema is not None else None,
-            "ema_updates": self.ema.updates if self.ema is not None else 0,
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "best_state": self.best_state,
             "best_epoch": self.best_epoch,
             "best_metrics": self.best_metrics,
@@ -382,10 +425,9 @@ class _Trainer:
 
     # -- one epoch ---------------------------------------------------------------------------
     def set_lr(self) -> float:
-        lr = self.cfg["lr"] * lr_factor(self.global_step, self.warmup_steps, self.total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+        """Set the learning rate of the next update (number `global_step`) and return it."""
+        self.scheduler.step_update(self.global_step + self.schedule_offset)
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def diverged(self, what: str, step: int) -> TrainingDiverged:
         kept = (
@@ -398,47 +440,50 @@ class _Trainer:
             f"lower lr or raise warmup_epochs/clip_grad and run again"
         )
 
+    def check(self, stats: _StepStats) -> dict[str, float]:
+        """Synchronise: the mean loss parts so far; raises TrainingDiverged at the first non-finite step."""
+        means, (bad_loss, bad_grad) = stats.read()
+        if bad_loss is not None and (bad_grad is None or bad_loss <= bad_grad):
+            raise self.diverged("loss", bad_loss)
+        if bad_grad is not None:
+            raise self.diverged("gradient norm", bad_grad)
+        return means
+
     def train_epoch(self, train_loader: Iterable) -> tuple[dict[str, float], float, float]:
         """Mean loss parts, the lr of the last step, images/s."""
         _set_epoch(train_loader, self.epoch)
         _seed_epoch(self.seed, self.epoch)
         self.task.train_mode()
-        sums: dict[str, float] = {}
-        images = 0
+        stats = _StepStats(self.device)
+        images, shown, means = 0, "", {}
         lr = self.set_lr()
         progress = self._progress()
-        bar = progress.add_task(f"epoch {self.epoch + 1}/{self.cfg['epochs']}", total=self.steps, stats="")
+        bar = progress.add_task(f"epoch {self.epoch + 1}/{self.cfg.epochs}", total=self.steps, stats="")
         start = time.perf_counter()
         with progress:
             for step, batch in enumerate(_cycle(train_loader, self.steps), start=1):
                 batch = _to_device(batch, self.device)
                 with self.autocast():
                     loss, parts = self.task.loss(batch, self.net)
-                loss_value, parts = _mean_over_ranks(loss, parts)
-                if not torch.isfinite(loss_value).all():
-                    raise self.diverged("loss", step)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if self.cfg["clip_grad"] > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg["clip_grad"])
-                    if not torch.isfinite(grad_norm):
-                        raise self.diverged("gradient norm", step)
+                grad_norm = None
+                if self.cfg.clip_grad > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad)
+                stats.add(step, loss, parts, grad_norm)
                 self.optimizer.step()
                 self.global_step += 1
                 if self.ema is not None:
-                    self.ema.update(self.task.state_dict())
+                    self.ema.update(self.task.saved_module, step=self.global_step)
                 images += _batch_len(batch) * distributed.world_size()
-                for name, value in {**parts, "loss": float(loss_value.item())}.items():
-                    sums[name] = sums.get(name, 0.0) + value
-                elapsed = time.perf_counter() - start
-                progress.update(
-                    bar,
-                    advance=1,
-                    stats=f"loss {sums['loss'] / step:.4f}  lr {lr:.2e}  {images / max(elapsed, 1e-9):.0f} img/s",
-                )
                 last_lr, lr = lr, self.set_lr()
+                if step % SYNC_EVERY_STEPS == 0 or step == self.steps:  # the only host syncs of the epoch
+                    means = self.check(stats)
+                    shown = f"loss {means['loss']:.4f}  "
+                elapsed = time.perf_counter() - start
+                progress.update(bar, advance=1, stats=f"{shown}lr {last_lr:.2e}  {images / max(elapsed, 1e-9):.0f} img/s")
         elapsed = time.perf_counter() - start
-        return {k: v / self.steps for k, v in sums.items()}, last_lr, images / max(elapsed, 1e-9)
+        return means, last_lr, images / max(elapsed, 1e-9)
 
     def _progress(self) -> Progress:
         return Progress(
@@ -460,33 +505,33 @@ class _Trainer:
         batch-norm statistics follow its own batches, and the gathered metrics must be those of the
         state rank 0 saves.
         """
-        distributed.broadcast_((self.task.state_dict() if self.ema is None else self.ema.state).values())
+        distributed.broadcast_((self.task.state_dict() if self.ema is None else self.ema.module.state_dict()).values())
         if self.ema is None:
             return _validate(self.task, val_loader, self.device, self.num_classes, self.autocast), _cpu_clone(
                 self.task.state_dict()
             )
+        # swap the EMA weights into the task rather than validating ema.module: `task.logits` owns the forward
+        ema_state = self.ema.module.state_dict()
         live = {k: v.detach().clone() for k, v in self.task.state_dict().items()}
-        self.task.load_state_dict(self.ema.state)
+        self.task.load_state_dict(ema_state)
         try:
             metrics = _validate(self.task, val_loader, self.device, self.num_classes, self.autocast)
         finally:
             self.task.load_state_dict(live)
-        return metrics, _cpu_clone(self.ema.state)
+        return metrics, _cpu_clone(ema_state)
 
     def report(self, row: dict[str, Any], is_best: bool) -> None:
-        if self.console is None:
-            return
+        """One log line per epoch (rank 0 only, by the log filter)."""
         parts = "  ".join(f"{k[6:]} {v:.4f}" for k, v in row.items() if k.startswith("train_"))
-        self.console.print(
-            f"epoch {row['epoch']:>3}/{self.cfg['epochs']}  {parts}  val acc {row['val_accuracy']:.4f}  "
+        log.info(
+            f"epoch {row['epoch']:>3}/{self.cfg.epochs}  {parts}  val acc {row['val_accuracy']:.4f}  "
             f"bal acc {row['val_balanced_accuracy']:.4f} ± {row['val_balanced_accuracy_se']:.4f}  macro-F1 {row['val_macro_f1']:.4f}  "
             f"lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s  {row['epoch_seconds']:.1f} s"
-            + ("  [bold green]best[/]" if is_best else ""),
-            highlight=False,
+            + ("  best" if is_best else "")
         )
 
     def run(self, train_loader: Iterable, val_loader: Iterable) -> FitResult:
-        while self.epoch < self.cfg["epochs"]:
+        while self.epoch < self.cfg.epochs:
             start = time.perf_counter()
             train_stats, lr, images_per_s = self.train_epoch(train_loader)
             metrics, state = self.validate(val_loader)
@@ -531,10 +576,8 @@ def fit(
     if resume:
         state = _load_resume(Path(paths.resume), trainer.config_hash)
         if state is None:
-            if trainer.console is not None:
-                trainer.console.print(f"no resume state at {paths.resume}: starting from epoch 1")
+            log.info(f"no resume state at {paths.resume}: starting from epoch 1")
         else:
             trainer.restore(state)
-            if trainer.console is not None:
-                trainer.console.print(f"resuming from {paths.resume} after epoch {trainer.epoch}")
+            log.info(f"resuming from {paths.resume} after epoch {trainer.epoch}")
     return trainer.run(train_loader, val_loader)

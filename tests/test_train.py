@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from rich.console import Console
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from pipeline import distributed
+from pipeline import distributed, train
 from pipeline.artifacts import ArtifactPaths
 from pipeline.config import DistillConfig, TrainConfig, validate_config
 from pipeline.errors import UserError
 from pipeline.losses import DistillationLoss, FocalLoss
 from pipeline.models import create_model
 from pipeline.tasks import ClassifierTask, DistillTask, EmbeddingDataset, HeadTask
-from pipeline.train import TrainingDiverged, WeightEma, fit, lr_factor
+from pipeline.train import TrainingDiverged, WarmupEma, fit, lr_scheduler
 
 NUM_CLASSES = 3
 SIZE = 16
@@ -122,7 +125,7 @@ def _balanced_accuracy_untrained(model, loader) -> float:
     return float(np.mean([(preds[labels == c] == c).float().mean() for c in range(NUM_CLASSES)]))
 
 
-def test_fit_learns_a_separable_problem_and_writes_metrics(tmp_path) -> None:
+def test_fit_learns_a_separable_problem_and_writes_metrics(tmp_path, capsys) -> None:
     model = _model(name="test_efficientnet_gn")  # group norm: no running statistics to lag after 9 steps
     before = _balanced_accuracy_untrained(model, _loaders()[1])
     console = _quiet()
@@ -139,28 +142,82 @@ def test_fit_learns_a_separable_problem_and_writes_metrics(tmp_path) -> None:
                  "val_recall_0", "val_recall_2", "images_per_s", "epoch_seconds"):
         assert name in rows[0], name
     assert float(rows[1]["val_balanced_accuracy"]) == pytest.approx(result.history[1]["val_balanced_accuracy"])
-    printed = console.file.getvalue()
-    assert "epoch   3/3" in printed and "training summary" in printed
+    assert "training summary" in console.file.getvalue()  # tables stay on the console
+    assert re.search(r"INFO pipeline\.train: epoch +3/3 ", capsys.readouterr().out)  # epoch lines are log records
 
 
-def test_lr_schedule_warms_up_then_decays() -> None:
-    factors = [lr_factor(s, 4, 20) for s in range(20)]
-    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
-    assert 0 < factors[-1] < 0.01
-    assert lr_factor(0, 0, 10) == 1.0
+def old_lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The hand-written schedule timm's CosineLRScheduler replaced: the reference curve."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _scheduled_factors(warmup: int, total: int, base_lr: float = 0.1) -> list[float]:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base_lr)
+    scheduler, offset = lr_scheduler(optimizer, warmup, total)
+    factors = []
+    for step in range(total):
+        scheduler.step_update(step + offset)
+        factors.append(optimizer.param_groups[0]["lr"] / base_lr)
+    return factors
+
+
+@pytest.mark.parametrize("warmup,total", [(4, 20), (1, 9), (0, 10), (5, 5), (2, 6)])
+def test_timm_schedule_follows_the_old_warmup_cosine_curve(warmup: int, total: int) -> None:
+    new = _scheduled_factors(warmup, total)
+    old = [old_lr_factor(s, warmup, total) for s in range(total + 1)]
+    assert new[0] == pytest.approx(old[0], abs=1e-12)  # step 0: lr / warmup (the full lr without warm-up)
+    assert new[:warmup] == pytest.approx(old[:warmup], abs=1e-12)  # warm-up identical, up to its end
+    if warmup:
+        assert new[warmup - 1] == pytest.approx(1.0)  # the end of warm-up is the peak
+    for step in range(warmup, total):  # then the old cosine, at most one step later, never 0
+        assert old[step + 1] - 1e-12 <= new[step] <= old[step] + 1e-12, step
+    assert new[-1] > 0 and new[-1] == pytest.approx(old[total - 1], abs=0.15 if total < 10 else 0.02)
+    assert all(a >= b for a, b in zip(new[warmup:], new[warmup + 1:]))
+    if warmup == 0:
+        assert new == pytest.approx(old[:total], abs=1e-12)  # without warm-up the curves are identical
+
+
+def test_fractional_warmup_epochs_in_a_real_fit(tmp_path, monkeypatch) -> None:
+    """warmup_epochs=0.5 of 3 steps: 2 warm-up updates; the lr each update ran at, seen by the optimizer."""
+    seen: list[float] = []
+    handle = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"])
+    )
+    try:
+        result = _fit(ClassifierTask(_model(), FocalLoss(gamma=0.0)), tmp_path, _cfg(epochs=2, warmup_epochs=0.5))
+    finally:
+        handle.remove()
+    old = [0.003 * old_lr_factor(s, 2, 6) for s in range(7)]
+    assert seen[:2] == pytest.approx([0.0015, 0.003])
+    assert all(old[s + 1] - 1e-12 <= seen[s] <= old[s] + 1e-12 for s in range(2, 6))
+    assert [row["lr"] for row in result.history] == pytest.approx([seen[2], seen[5]])
 
 
 def test_weight_ema_warms_up_and_copies_integers() -> None:
-    state = {"w": torch.zeros(3), "n": torch.tensor(0)}
-    ema = WeightEma(state, decay=0.9)
-    ema.update({"w": torch.ones(3), "n": torch.tensor(5)})  # decay min(0.9, 2/11)
-    torch.testing.assert_close(ema.state["w"], torch.full((3,), 1 - 2 / 11))
-    assert ema.state["n"] == 5
-    assert torch.equal(state["w"], torch.zeros(3))
+    module = torch.nn.BatchNorm1d(3)  # float weights and running stats, an integer num_batches_tracked
+    ema = WarmupEma(module, decay=0.9)
+    with torch.no_grad():
+        module.weight.fill_(2.0)
+        module.num_batches_tracked.fill_(5)
+    ema.update(module, step=1)  # decay min(0.9, 2/11)
+    torch.testing.assert_close(ema.module.weight, torch.full((3,), 1 + (2 - 1) * (1 - 2 / 11)))
+    assert ema.module.num_batches_tracked == 5
+    assert ema.get_decay(1000) == 0.9
+    assert torch.equal(module.weight, torch.full((3,), 2.0))  # the live weights are left alone
 
 
-def test_resume_after_interruption_is_bit_identical(tmp_path) -> None:
+def test_no_weight_decay_on_norms_and_biases(tmp_path) -> None:
+    model = _model()
+    _fit(ClassifierTask(model, FocalLoss(gamma=0.0)), tmp_path, _cfg(epochs=1, weight_decay=0.05))
+    groups = torch.load(tmp_path / "art.resume.pt", weights_only=True)["optimizer"]["param_groups"]
+    one_d = sum(p.ndim == 1 for p in model.parameters())  # biases and norm scales
+    assert {g["weight_decay"]: len(g["params"]) for g in groups} == {0.0: one_d, 0.05: len(list(model.parameters())) - one_d}
+
+
+def test_resume_after_interruption_is_bit_identical(tmp_path, capsys) -> None:
     cfg = _cfg(ema=0.8)
     straight = _fit(ClassifierTask(_model(), FocalLoss(gamma=0.0)), tmp_path / "a", cfg)
 
@@ -170,9 +227,9 @@ def test_resume_after_interruption_is_bit_identical(tmp_path) -> None:
         _fit(interrupted, tmp_path / "b", cfg)
     assert len(list(csv.DictReader(open(tmp_path / "b" / "art.metrics.csv")))) == 1
 
-    console = _quiet()
-    resumed = _fit(ClassifierTask(_model(seed=123), FocalLoss(gamma=0.0)), tmp_path / "b", cfg, resume=True, console=console)
-    assert "resuming" in console.file.getvalue()
+    capsys.readouterr()
+    resumed = _fit(ClassifierTask(_model(seed=123), FocalLoss(gamma=0.0)), tmp_path / "b", cfg, resume=True)
+    assert "resuming from" in capsys.readouterr().out
     assert resumed.best_epoch == straight.best_epoch
     assert straight.best_state.keys() == resumed.best_state.keys()
     for key, value in straight.best_state.items():
@@ -204,6 +261,43 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path) -> None:
     with pytest.raises(TrainingDiverged, match="epoch 1 step 1; no epoch had finished"):
         _fit(first, tmp_path / "fresh", _cfg(epochs=1))
     assert not (tmp_path / "fresh" / "art.resume.pt").exists()
+
+
+def test_losses_are_read_back_every_n_steps_and_the_first_bad_step_is_named(tmp_path, monkeypatch) -> None:
+    """No host sync per step: the sums are read at steps N, 2N, ... and the epoch's end; a NaN at step 3
+    stops the run at the step-4 read (not at the end of the 9-step epoch) and names step 3."""
+    reads: list[int] = []
+    real_read = train._StepStats.read
+
+    def counting_read(self):
+        reads.append(self.count)
+        return real_read(self)
+
+    monkeypatch.setattr(train._StepStats, "read", counting_read)
+    monkeypatch.setattr(train, "SYNC_EVERY_STEPS", 4)
+    _fit(ClassifierTask(_model(), FocalLoss(gamma=0.0)), tmp_path / "ok", _cfg(epochs=1, steps_per_epoch=9))
+    assert reads == [4, 8, 9]
+
+    task = FaultyTask(ClassifierTask(_model(), FocalLoss(gamma=0.0)), at=3)
+    with pytest.raises(TrainingDiverged, match="non-finite loss at epoch 1 step 3;"):
+        _fit(task, tmp_path / "nan", _cfg(epochs=1, steps_per_epoch=9))
+    assert task.calls == 4
+
+
+def test_non_finite_gradient_norm_is_named(tmp_path) -> None:
+    class InfGradient(FaultyTask):
+        hook = None
+
+        def loss(self, batch, module=None):
+            if self.hook is not None:
+                self.hook.remove()
+            loss, parts = super().loss(batch, module)
+            if self.calls == 2:  # a finite loss whose backward gives an infinite gradient
+                self.hook = self.task.model.classifier.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+            return loss, parts
+
+    with pytest.raises(TrainingDiverged, match="non-finite gradient norm at epoch 1 step 2;"):
+        _fit(InfGradient(ClassifierTask(_model(), FocalLoss(gamma=0.0)), at=-1), tmp_path, _cfg(epochs=1))
 
 
 @pytest.mark.parametrize("ema", [0.0, 0.9])
@@ -314,8 +408,8 @@ def test_log_not_a_terminal_one_line_per_epoch_and_whole_tables(tmp_path, capsys
                  ArtifactPaths.of(tmp_path, "log"), CPU, seed=0)  # console=None: the default console on stdout
     lines = capsys.readouterr().out.splitlines()
     assert lines and all(line.strip() for line in lines), "blank lines in the log"
-    epoch_lines = [line for line in lines if line.startswith("epoch ") and "/2" in line]
-    assert [line.split()[1] for line in epoch_lines] == ["1/2", "2/2"]  # exactly one line per epoch
+    epoch_lines = [line for line in lines if re.search(r"INFO pipeline\.train: epoch +\d+/2 ", line)]
+    assert [re.search(r"epoch +(\d+/2)", line).group(1) for line in epoch_lines] == ["1/2", "2/2"]  # one per epoch
     for row in result.history:  # each whole on its own line: not wrapped, not cut
         line = epoch_lines[row["epoch"] - 1]
         assert f"lr {row['lr']:.2e}" in line and f"bal acc {row['val_balanced_accuracy']:.4f}" in line

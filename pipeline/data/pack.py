@@ -34,7 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline.data.layout import DatasetLayout, TestItem, TrainItem
 from pipeline.errors import UserError
-from pipeline.log import make_console
+from pipeline.log import get_logger, make_console
 
 PACK_VERSION = 1
 INTERPOLATIONS = {
@@ -51,6 +51,8 @@ CACHE_ENV = "EOSAR_CACHE_DIR"  # overrides REPO_CACHE as the default cache folde
 UNKNOWN_TEST_LABEL = -2  # test_index class_id of a test chip without a label
 PARALLEL_MIN_IMAGES = 2000  # fewer images are decoded in-process (a process pool costs ~1 s to start)
 NORM_MAX_ROWS = 20_000  # normalisation statistics come from at most this many evenly spaced chips
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -611,7 +613,7 @@ def pack_dataset(
     bad = [path for pack in (train_pack, test_pack) for path, _ in _bad_files(pack)]
     if bad:
         lists = " and ".join(str(p / "bad_files.txt") for p in (train_pack, test_pack) if _bad_files(p))
-        console.print(f"[yellow]warning:[/] left out {len(bad)} unreadable image(s), e.g. {bad[0]}; listed in {lists}")
+        log.warning(f"left out {len(bad)} unreadable image(s), e.g. {bad[0]}; listed in {lists}")
     train_meta = json.loads((train_pack / "meta.json").read_text())
     return PackedData(
         train_eo=_load_array(train_pack, "eo.npy"),
