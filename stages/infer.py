@@ -6,7 +6,8 @@ pure clusters; an OOD score per chip (higher = more in-distribution) from the de
 `infer.ood.method` (energy by default; knn, mahalanobis and vim are fitted once on the training
 split's TTA-averaged embeddings; auto takes stages.select_ood's choice). Writes
 submissions/<run>/{results.csv, predictions.csv, summary.json, ood_detector.npz} and, when the test labels are known
-(synthetic test_truth.csv, labelled generic test split), scores itself into score.json.
+(synthetic test_truth.csv, labelled generic test split), truth.csv and scores itself into score.json. Last, the
+run report (report.html + plots/, pipeline.report); a failing report is a warning, the submission stands.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pipeline.inference import predict, softmax  # noqa: F401 (predict, softmax:
 from pipeline.models import model_from_spec
 from pipeline.ood import ood_score, save_detector
 from pipeline.ood.fit import fit_on_split, resolve_detector
+from pipeline.report import REPORT_FILE, TRUTH_FILE, ReportSettings, write_report_safely
 from pipeline.stage import (
     REPO_ROOT, build_parser, chip_dataset, holds_weights_lock, parent_digest, prepare_stage, train_val_rows,
 )
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ctx = prepare_stage(STAGE, args)
     cfg = ctx.stage_cfg
+    report_settings = ReportSettings.from_config(ctx.cfg.get("report"))
     vote_cfg = cfg["cluster"]
     if vote_cfg["enabled"]:  # a bad setting stops here, not after the whole test set is predicted
         check_voting_settings(
@@ -84,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         if earlier is not None:
             ctx.console.print(f"[green]{STAGE}[/]: {earlier} is up to date (same config, data and model), skipped")
             mark_latest(args.submissions, earlier)
+            if not (earlier / REPORT_FILE).exists():  # a run made before reports existed gets one now
+                write_report_safely(earlier, report_settings, ctx.console)
             return 0
 
     state, manifest = load_artifact(ctx.weights_dir, PARENT, ctx.packed.train_fingerprint)
@@ -150,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         "views": len(cfg["tta"]["views"]) * len(cfg["tta"]["scales"]),
         "predict_seconds": predict_seconds, "images_per_s": len(ids) / max(predict_seconds, 1e-9),
         "code_version": code_version(),
+        "weights": str(ctx.weights_dir.resolve()),  # where the report finds the artifacts' training curves
     }
     if not distributed.is_main_process():
         distributed.cleanup()
@@ -159,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     known = labels >= -1
     if known.all():
         truth = pd.DataFrame({"image_id": ids, "class_id": labels})
+        atomic_write_text(run_dir / TRUTH_FILE, truth.to_csv(index=False))  # per-chip truth for the report
         report = score_submission(results, truth, num_classes=ctx.num_classes)
         summary["score"] = {k: report[k] for k in ("accuracy", "auroc", "competition_score", "balanced_accuracy")}
     write_submission(run_dir, results, predictions, summary, expected_ids=ids, num_classes=ctx.num_classes)
@@ -167,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     if known.all():
         atomic_write_text(run_dir / "score.json", report_json(report))
         print_score_report(report, list(ctx.layout.classes.names), ctx.console)
+    write_report_safely(run_dir, report_settings, ctx.console)  # after results.csv: it never costs the submission
     distributed.cleanup()
     return 0
 
