@@ -323,7 +323,11 @@ def _classification_section(run: RunData, figs: _Plots) -> Section:
     section.add(figures(figs.make(
         "per_class_recall", plots.recall_png, result["per_class_recall"], result["per_class_support"], run.class_names
     )))
-    return section
+    return section.add(table(
+        ["class", "id", "support", "recall"],
+        [[name, i, int(n), r] for i, (name, n, r) in enumerate(
+            zip(run.class_names, result["per_class_support"], result["per_class_recall"]))],
+    ))
 
 
 def _ood_section(run: RunData, figs: _Plots) -> Section:
