@@ -278,3 +278,17 @@ def test_a_failing_report_is_a_warning_and_the_submission_stands(tiny_runs, monk
     monkeypatch.undo()
     assert report_stage.main(["--submission", str(run), "--profile", "tiny"]) == 0  # rebuilt once the cause is gone
     assert "confusion_counts" in parse(run / "report.html")
+
+
+def test_curves_of_a_model_retrained_since_the_run_are_not_shown_as_its_own(tiny_runs, tmp_path):
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_runs / "subs" / "voted", run)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["inputs"]["parents"]["sar_final"] = "0" * 64  # as if weights/sar_final was retrained after this run
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "plots" / "training_sar_final.png").unlink()
+    assert report_stage.main(["--submission", str(run), "--profile", "tiny", "--set", "report.gallery_size=0"]) == 0
+    images = parse(run / "report.html")
+    assert not any(name.startswith("training_") for name in images)
+    assert "changed since this run" in (run / "report.html").read_text()
+    assert not any(p.name.startswith(("training_", "gallery_")) for p in (run / "plots").iterdir())  # stale plots removed

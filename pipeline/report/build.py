@@ -28,7 +28,7 @@ from pipeline.data.testset import read_csv_table
 from pipeline.errors import UserError
 from pipeline.metrics import auroc, classification_metrics, confusion_matrix
 from pipeline.report import plots
-from pipeline.report.html import Section, esc, figures, img, note, page, paragraph, pre_json, table
+from pipeline.report.html import Section, figures, img, note, page, paragraph, pre_json, table
 
 REPORT_FILE = "report.html"
 PLOTS_DIR = "plots"
@@ -157,11 +157,13 @@ def load_run(run_dir: str | Path) -> RunData:
     truth = None
     if (run_dir / TRUTH_FILE).is_file():
         table_ = read_csv_table(run_dir / TRUTH_FILE, "truth")
-        if {"image_id", "class_id"} <= set(table_.columns):
+        try:  # a truth table that does not cover every chip, or is damaged, counts as unknown labels
             lookup = dict(zip(table_["image_id"].astype(np.int64), table_["class_id"].astype(np.int64)))
             values = [lookup.get(int(i)) for i in predictions["image_id"]]
-            if all(v is not None and v >= -1 for v in values):
+            if all(v is not None and -1 <= v < len(classes) for v in values):
                 truth = np.asarray(values, dtype=np.int64)
+        except (KeyError, ValueError, TypeError):
+            truth = None
     return RunData(run_dir, summary, predictions, score, truth, [str(c) for c in classes])
 
 
@@ -359,8 +361,11 @@ def _training_section(records: list[ArtifactRecord], weights_dir: Path | None, f
         if record.metrics_csv is None:
             section.add(note(f"{record.name}: no per-epoch metrics ({record.name}.metrics.csv) beside the artifact."))
             continue
-        history = read_csv_table(record.metrics_csv, "metrics")
-        section.add(figures(figs.make(f"training_{record.name}", plots.training_curves_png, history, record.name)))
+        try:
+            history = read_csv_table(record.metrics_csv, "metrics")
+            section.add(figures(figs.make(f"training_{record.name}", plots.training_curves_png, history, record.name)))
+        except (UserError, ValueError) as err:
+            section.add(note(f"{record.name}: training curves left out ({err})."))
     return section
 
 
@@ -580,9 +585,12 @@ def build_report(
     ]
     stamp = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     text = page(f"Run report: {run.name}", f"{run.run_dir.resolve()} · generated {stamp}", sections)
-    _write_plots(run.run_dir, figs.files)
     path = run.run_dir / REPORT_FILE
-    atomic_write_text(path, text)
+    try:
+        _write_plots(run.run_dir, figs.files)
+        atomic_write_text(path, text)
+    except OSError as err:
+        raise UserError(f"cannot write the report into {run.run_dir}: {err.strerror or err}") from None
     return path
 
 
@@ -697,7 +705,10 @@ def compare_runs(run_a: str | Path, run_b: str | Path, out: Path | None = None, 
     stamp = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     text = page(f"Runs compared: {labels[0]} vs {labels[1]}",
                 f"{a.run_dir.resolve()} vs {b.run_dir.resolve()} · generated {stamp}", [scores, recall, ood, config])
-    atomic_write_text(out, text)
+    try:
+        atomic_write_text(out, text)
+    except OSError as err:
+        raise UserError(f"cannot write {out}: {err.strerror or err}") from None
     return out
 
 

@@ -82,15 +82,16 @@ def recall_png(
         label = f"n={int(s)}" if np.isfinite(r) else "n/a"
         ax.text(i, (0.0 if not np.isfinite(r) else r) + 0.02, label, ha="center", va="bottom", fontsize=8)
     present = np.isfinite(values)
+    title = "Per-class recall (in-distribution test chips; n = support)"
     if present.any():
         mean = float(values[present].mean())
-        ax.axhline(mean, color="gray", linestyle="--", linewidth=1, label=f"balanced accuracy {mean:.3f}")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.axhline(mean, color="gray", linestyle="--", linewidth=1)
+        title += f"\ndashed: balanced accuracy {mean:.3f}"
     ax.set_xticks(range(n), [_short(c) for c in class_names], rotation=45, ha="right")
     ax.set_ylim(0, 1.12)
     ax.set_xlabel("true class")
     ax.set_ylabel("recall")
-    ax.set_title("Per-class recall (in-distribution test chips; n = support)")
+    ax.set_title(title)
     return _png(fig, dpi)
 
 
