@@ -319,9 +319,9 @@ def ood_overlay_png(runs: Sequence[tuple[str, np.ndarray, np.ndarray | None]], d
     """
     fig, (ax,) = _figure(7.0, 4.2)
     colors = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd")
+    bins = _bins(*[np.asarray(score, dtype=np.float64) for _, score, _ in runs])  # one set of bins: comparable heights
     for i, (label, score, is_in) in enumerate(runs):
         score = np.asarray(score, dtype=np.float64)
-        bins = _bins(score)
         color = colors[i % len(colors)]
         if is_in is None:
             ax.hist(score, bins=bins, color=color, alpha=0.45, label=f"{label}: all chips")
