@@ -196,6 +196,12 @@ class SelectOODConfig(Section):
     head_c: Positive = _f(1.0, "logistic-regression head refitted without the left-out class: inverse L2 strength")
 
 
+class ReportConfig(Section):
+    enabled: bool = _f(True, "infer writes submissions/<run>/report.html + plots/ after results.csv (a failing report is only a warning)")
+    gallery_size: Annotated[int, Field(ge=0, le=64)] = _f(8, "thumbnails per gallery (most confident mistakes, most OOD-looking chips); 0 = no gallery")
+    dpi: Annotated[int, Field(ge=40, le=300)] = _f(100, "resolution of the PNG plots")
+
+
 class Config(Section):
     """The whole resolved config of a run."""
 
@@ -208,6 +214,7 @@ class Config(Section):
     finetune_head: FinetuneStageConfig = Field(default_factory=FinetuneStageConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
     select_ood: SelectOODConfig = Field(default_factory=SelectOODConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)  # not recorded by infer: a report never makes a run stale
 
     @field_validator("data", mode="after")
     @classmethod

@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         score = summary.get("score")
         console.print(score_line(score) if score else "submission: no test labels available, not scored", highlight=False)
         console.print(f"results: {run / 'results.csv'}", highlight=False)
+        if (run / "report.html").is_file():
+            console.print(f"report: {run / 'report.html'}", highlight=False)
     return 0
 
 

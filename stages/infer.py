@@ -5,7 +5,8 @@ with winner-take-all label correction inside confident, pure clusters (when infe
 OOD score per chip (higher = more in-distribution) from the detector `infer.ood.method` (knn,
 mahalanobis and vim are fitted once on the training split's TTA-averaged embeddings; auto takes
 stages.select_ood's choice). Writes submissions/<run>/{results.csv, predictions.csv, summary.json,
-ood_detector.npz} and, when the test labels are known, scores itself into score.json.
+ood_detector.npz} and, when the test labels are known, truth.csv and score.json. Last, the run report
+(report.html + plots/, pipeline.report); a failing report is a warning, the submission stands.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pipeline.errors import exit_on_user_error
 from pipeline.inference import check_infer_settings, prediction_tables, run_inference
 from pipeline.ood import save_detector
 from pipeline.ood.fit import resolve_detector
+from pipeline.report import REPORT_FILE, TRUTH_FILE, write_report_safely
 from pipeline.stage import build_parser, holds_weights_lock, load_model, parent_digests, prepare_stage
 from pipeline.submission import (
     find_fresh_submission, mark_latest, new_run_dir, print_score_report, report_json, score_submission, write_submission,
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     if earlier is not None:
         ctx.console.print(f"[green]{STAGE}[/]: {earlier} is up to date (same config, data and model), skipped")
         mark_latest(args.submissions, earlier)
+        if not (earlier / REPORT_FILE).exists():  # a run made before reports existed gets one now
+            write_report_safely(earlier, ctx.cfg.report, ctx.console)
         return 0
 
     model, manifest = load_model(ctx, "sar_final")
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 "choice": None if choice is None else {k: choice.get(k) for k in ("method", "params", "mean_auroc", "time")}},
         "votes_changed": changed, "clusters": int(out.voting.k), "views": len(cfg.tta.views) * len(cfg.tta.scales),
         "predict_seconds": out.predict_seconds, "images_per_s": len(ids) / max(out.predict_seconds, 1e-9),
-        "code_version": code_version(),
+        "code_version": code_version(), "weights": str(ctx.weights_dir.resolve()),  # the report's training curves
     }
     if not distributed.is_main_process():
         distributed.cleanup()
@@ -84,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     save_detector(detector, run_dir / DETECTOR_FILE)  # results.csv, written last, marks a complete folder
     report = None
     if (labels >= -1).all():  # every test label known (-1: out of distribution)
-        report = score_submission(results, pd.DataFrame({"image_id": ids, "class_id": labels}), num_classes=ctx.num_classes)
+        truth = pd.DataFrame({"image_id": ids, "class_id": labels})
+        atomic_write_text(run_dir / TRUTH_FILE, truth.to_csv(index=False))  # per-chip truth for the report
+        report = score_submission(results, truth, num_classes=ctx.num_classes)
         summary["score"] = {k: report[k] for k in ("accuracy", "auroc", "competition_score", "balanced_accuracy")}
     write_submission(run_dir, results, predictions, summary, expected_ids=ids, num_classes=ctx.num_classes)
     ctx.console.print(f"[green]{STAGE}[/]: wrote {run_dir / 'results.csv'} ({len(ids)} rows, {changed} labels changed by cluster voting)")
@@ -92,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if report is not None:
         atomic_write_text(run_dir / "score.json", report_json(report))
         print_score_report(report, list(ctx.layout.classes.names), ctx.console)
+    write_report_safely(run_dir, ctx.cfg.report, ctx.console)  # after results.csv: it never costs the submission
     distributed.cleanup()
     return 0
 

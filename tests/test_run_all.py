@@ -87,6 +87,8 @@ def test_end_to_end_then_skip_then_force_infer(workspace):
     assert rows["infer"][0] == "ran"
     (run,) = runs(ws)
     run_dir = ws / "subs" / run
+    assert f"report: {run_dir / 'report.html'}" in first.stdout.split("run_all summary", 1)[1]  # linked from the summary
+    assert (run_dir / "report.html").is_file() and (run_dir / "plots" / "confusion_counts.png").is_file()
     results = pd.read_csv(run_dir / "results.csv")
     truth = read_truth(ws / "data" / "test_truth.csv")
     test_images = sorted((ws / "data" / "SAR_Test").glob("*.png"))
