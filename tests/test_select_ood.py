@@ -7,6 +7,7 @@ import pytest
 
 from fake_data import toy_clusters
 
+from pipeline.config import OODConfig, SelectOODConfig
 from pipeline.errors import UserError
 from pipeline.metrics import auroc
 from pipeline.ood.knn import capped_rows
@@ -36,9 +37,9 @@ def test_leave_one_class_out_measures_auroc_on_validation_and_picks_the_best() -
     tr_y, va_y = np.repeat(np.arange(4), 25), np.repeat(np.arange(4), 10)
     tr_x = centres[tr_y] + rng.normal(0.0, 0.5, (len(tr_y), D))
     va_x = centres[va_y] + rng.normal(0.0, 0.5, (len(va_y), D))
-    cands = candidates({"candidates": ["energy", "msp", "knn", "mahalanobis", "vim"], "knn_k": [1, 3]})
+    cands = candidates(SelectOODConfig(candidates=["energy", "msp", "knn", "mahalanobis", "vim"], knn_k=[1, 3]))
     assert [c.label for c in cands] == ["energy", "msp", "knn(k=1)", "knn(k=3)", "mahalanobis", "vim"]
-    results = leave_one_class_out(tr_x, tr_y, va_x, va_y, cands, {}, max_per_class=20)
+    results = leave_one_class_out(tr_x, tr_y, va_x, va_y, cands, OODConfig(), max_per_class=20)
     for r in results:
         assert sorted(r.per_class) == [0, 1, 2, 3]
     by_label = {r.candidate.label: r for r in results}
@@ -56,7 +57,7 @@ def test_leave_one_class_out_measures_auroc_on_validation_and_picks_the_best() -
     tie = [type(results[0])(Candidate("a", "energy"), {0: 0.7}), type(results[0])(Candidate("b", "msp"), {0: 0.7})]
     assert best(tie).candidate.label == "a"
     with pytest.raises(UserError, match="at least 3"):
-        leave_one_class_out(tr_x[tr_y < 2], tr_y[tr_y < 2], va_x, va_y, cands, {})
+        leave_one_class_out(tr_x[tr_y < 2], tr_y[tr_y < 2], va_x, va_y, cands, OODConfig())
 
 
 # ----------------------------------------------------------------------------- stages on tiny data
