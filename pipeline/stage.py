@@ -27,7 +27,7 @@ from pipeline.artifacts import (
     is_fresh, make_manifest, read_manifest, save_artifact, sha256_file,
 )
 from pipeline.config import Config, load_config, stage_config
-from pipeline.data.augment import AugmentConfig, build_augmenter
+from pipeline.data.augment import build_augmenter
 from pipeline.data.datasets import ChipDataset, PairedChipDataset, stratified_split
 from pipeline.data.geometry import ChipGeometry, resolve_geometry
 from pipeline.data.layout import DatasetLayout, apply_holdout, describe, discover_layout
@@ -364,7 +364,7 @@ def train_batches(ctx: StageContext, rows: np.ndarray, kind: str) -> Iterable[di
         key = modality if kind == "paired" else "image"
         arrays[key] = (images, index[f"{modality}_row"].to_numpy(), (norm["mean"], norm["std"]), modality,
                        ctx.geometry[modality].window)
-    augment = AugmentConfig.from_dict(ctx.cfg["augment"])
+    augment = build_augmenter(ctx.cfg["augment"])
     return ResidentBatches(arrays, index["class_id"].to_numpy(), sampler, batch_size, ctx.device, augment, ctx.seed)
 
 

@@ -1,51 +1,68 @@
-"""Training augmentation: geometry shared by chips of different sizes, photometry per modality.
+"""Training augmentation: one specification (AugmentSpec) and one batched implementation (BatchAugmenter).
 
-Geometric parameters (flips, 90-degree turns, shift and zoom as fractions of the chip, a small
-rotation, and the position of the training window inside the packed chip) are sampled once per sample
-and applied to each chip at its own size, so an EO chip of 32 px and its SAR partner of 56 px move
-together. The window crop is the translation augmentation of pipeline.data.geometry: a packed chip
-of side P gives a random window of side W (the model's input); evaluation takes the centre window. Photometric changes (albumentations) are drawn
-independently per modality: brightness/contrast and Gaussian noise on EO, multiplicative speckle and
-a random gamma on SAR. Every draw comes from the numpy Generator the caller passes in.
+Both training paths use the same code: the DataLoader path (pipeline.data.datasets) augments each
+batch of draw keys in the dataset's `__getitems__`, the device-resident path (pipeline.data.resident)
+augments each batch on the device. A batch's random draws are seeded by (seed, epoch, its draw keys),
+so the same batch gets the same augmentation on either path, whatever the number of workers.
+
+Per sample: one geometry shared by the chips of a pair (flips, quarter turns, then shift / zoom /
+small rotation about the centre with reflected borders, all relative to the chip size so an EO chip of
+32 px and its SAR partner of 56 px move together), then the random training window (the translation
+augmentation of pipeline.data.geometry: a packed chip of side P gives a window of side W at the same
+relative position for both chips; evaluation takes the centre window inside the model), then
+photometry drawn apart per modality: EO contrast x brightness and Gaussian noise, SAR multiplicative
+speckle and gamma. Chips are float [0, 1] tensors (n, 1, H, W); the result is clamped to [0, 1].
+
+kornia.augmentation does every transform whose sampling is exactly what the setting means; the few
+hand-written ones say why next to their code.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-import cv2
+import kornia.augmentation as K
 import numpy as np
+import torch
+from torch import Tensor
 
 from pipeline.errors import UserError
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # never look for updates over the network
-import albumentations as A  # noqa: E402
+MODALITIES = ("eo", "sar")
+GEOMETRY_SETTINGS = ("hflip", "vflip", "rot90", "shift", "scale", "rotate")  # shared by both chips of a pair
+PHOTOMETRY_SETTINGS = {"eo": ("eo_brightness_contrast", "eo_noise"), "sar": ("sar_speckle", "sar_gamma")}
+_BELOW_ONE = ("shift", "scale", "sar_gamma", "sar_speckle")
+_AT_MOST_ONE = ("eo_brightness_contrast",)  # a contrast factor 1 - v must stay >= 0
 
 
 @dataclass(frozen=True)
-class AugmentConfig:
-    """The `augment` section of a profile; 0 / false switches a transform off."""
+class AugmentSpec:
+    """The `augment` section of a profile: which transforms act on which modality, with which ranges.
 
-    hflip: bool = False
-    vflip: bool = False
-    rot90: bool = False
+    0 / false switches a transform off. The `*_range` properties are the one place a setting becomes a
+    sampling range; BatchAugmenter reads nothing else.
+    """
+
+    hflip: bool = False  # p = 0.5
+    vflip: bool = False  # p = 0.5
+    rot90: bool = False  # 0, 1, 2 or 3 counter-clockwise quarter turns, equally likely
     shift: float = 0.0  # max translation, fraction of the chip size
     scale: float = 0.0  # max relative zoom in/out
     rotate: float = 0.0  # max extra rotation in degrees
-    eo_brightness_contrast: float = 0.0
-    eo_noise: float = 0.0  # max std of additive Gaussian noise on [0, 1] EO
-    sar_speckle: float = 0.0  # std of the multiplicative noise on SAR
+    eo_brightness_contrast: float = 0.0  # x * U(1-v, 1+v) + U(-v, v)
+    eo_noise: float = 0.0  # max std of additive Gaussian noise on [0, 1] EO (std drawn per sample)
+    sar_speckle: float = 0.0  # std of the uniform multiplicative noise on SAR
     sar_gamma: float = 0.0  # gamma drawn from [1 - g, 1 + g]
 
     @classmethod
-    def from_dict(cls, section: dict[str, Any]) -> "AugmentConfig":
+    def from_config(cls, section: Mapping[str, Any] | None) -> "AugmentSpec":
+        """The spec of an `augment` config section (None or {}: everything off); bad values raise UserError."""
         known = {f.name: f.type for f in fields(cls)}
         values: dict[str, Any] = {}
-        for key, value in section.items():
+        for key, value in (section or {}).items():
             if key not in known:
                 raise UserError(f"augment.{key} is not an augmentation setting: expected one of {', '.join(known)}")
             if known[key] == "bool":
@@ -54,134 +71,181 @@ class AugmentConfig:
             elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value:
                 raise UserError(f"augment.{key} must be a number >= 0, got {value!r}")
             values[key] = value
-        config = cls(**values)
-        for key in ("scale", "sar_gamma", "sar_speckle"):
-            if getattr(config, key) >= 1:
-                raise UserError(f"augment.{key} must be below 1, got {getattr(config, key)}")
-        return config
+        spec = cls(**values)
+        for key in _BELOW_ONE:
+            if getattr(spec, key) >= 1:
+                raise UserError(f"augment.{key} must be below 1, got {getattr(spec, key)}")
+        for key in _AT_MOST_ONE:
+            if getattr(spec, key) > 1:
+                raise UserError(f"augment.{key} must be at most 1, got {getattr(spec, key)}")
+        return spec
 
     @property
     def has_geometry(self) -> bool:
-        return bool(self.hflip or self.vflip or self.rot90 or self.shift or self.scale or self.rotate)
+        return any(getattr(self, key) for key in GEOMETRY_SETTINGS)
 
+    def transforms(self, modality: str) -> tuple[str, ...]:
+        """The settings switched on for chips of `modality` ('eo' or 'sar'), in the order they apply."""
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be 'eo' or 'sar', got {modality!r}")
+        return tuple(key for key in (*GEOMETRY_SETTINGS, *PHOTOMETRY_SETTINGS[modality]) if getattr(self, key))
 
-@dataclass(frozen=True)
-class Geometry:
-    """One sample's geometric transform, relative to the chip size so it fits any size."""
-
-    hflip: bool = False
-    vflip: bool = False
-    quarter_turns: int = 0  # counter-clockwise 90-degree turns
-    shift_x: float = 0.0  # fraction of the width
-    shift_y: float = 0.0  # fraction of the height
-    scale: float = 1.0
-    angle: float = 0.0  # degrees, counter-clockwise
-    crop_x: float = 0.5  # window position in [0, 1] along the width (0.5 = centred)
-    crop_y: float = 0.5  # window position in [0, 1] along the height
+    # The sampling ranges (uniform between the two ends).
+    @property
+    def shift_range(self) -> tuple[float, float]:
+        """Translation, fraction of the chip side."""
+        return (-self.shift, self.shift)
 
     @property
-    def has_affine(self) -> bool:
-        return self.shift_x != 0 or self.shift_y != 0 or self.scale != 1 or self.angle != 0
+    def zoom_range(self) -> tuple[float, float]:
+        return (1 - self.scale, 1 + self.scale)
+
+    @property
+    def angle_range(self) -> tuple[float, float]:
+        """Extra rotation in degrees."""
+        return (-self.rotate, self.rotate)
+
+    @property
+    def contrast_range(self) -> tuple[float, float]:
+        return (1 - self.eo_brightness_contrast, 1 + self.eo_brightness_contrast)
+
+    @property
+    def brightness_range(self) -> tuple[float, float]:
+        """Added to [0, 1] EO."""
+        return (-self.eo_brightness_contrast, self.eo_brightness_contrast)
+
+    @property
+    def noise_std_range(self) -> tuple[float, float]:
+        return (0.0, self.eo_noise)
+
+    @property
+    def speckle_range(self) -> tuple[float, float]:
+        """Per-pixel multiplier: uniform with std sar_speckle (half-width sqrt(3) std, kept below 1)."""
+        half_width = min(self.sar_speckle * math.sqrt(3), 0.99)
+        return (1 - half_width, 1 + half_width)
+
+    @property
+    def gamma_range(self) -> tuple[float, float]:
+        return (1 - self.sar_gamma, 1 + self.sar_gamma)
 
 
-def sample_geometry(config: AugmentConfig, rng: np.random.Generator) -> Geometry:
-    """Draw one Geometry; a switched-off transform keeps its identity value."""
-    u = rng.random(9)  # a fixed number of draws whatever is switched on
-    return Geometry(
-        hflip=bool(config.hflip and u[0] < 0.5),
-        vflip=bool(config.vflip and u[1] < 0.5),
-        quarter_turns=int(u[2] * 4) if config.rot90 else 0,
-        shift_x=float((2 * u[3] - 1) * config.shift),
-        shift_y=float((2 * u[4] - 1) * config.shift),
-        scale=float(1 + (2 * u[5] - 1) * config.scale),
-        angle=float((2 * u[6] - 1) * config.rotate),
-        crop_x=float(u[7]),
-        crop_y=float(u[8]),
-    )
+def batch_seed(seed: int, epoch: int, keys: Sequence[int] | np.ndarray) -> int:
+    """The seed of one batch's augmentation: a hash of (seed, epoch, its draw keys)."""
+    entropy = [int(seed), int(epoch), *np.asarray(keys, dtype=np.int64).tolist()]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def window_offset(side: int, window: int, position: float) -> int:
-    """Top/left offset of a `window` inside `side` pixels at relative `position` in [0, 1]."""
-    return int(round(position * max(side - window, 0)))
+def window_positions(n: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    """(n, 2) window positions (x, y) in [0, 1], shared by the chips of one sample."""
+    return torch.rand(n, 2, generator=generator, device=device)
 
 
-def crop_window(image: np.ndarray, window: int | None, geometry: Geometry) -> np.ndarray:
-    """The window x window part of `image` at the geometry's crop position (all of it if not larger)."""
-    h, w = image.shape[:2]
+def crop_windows(images: Tensor, window: int | None, positions: Tensor) -> Tensor:
+    """Per-sample window x window crops of (n, 1, H, W) images at relative `positions` (all of it if not larger).
+
+    Hand-written: kornia's RandomCrop draws pixel offsets for one input size, and the two chips of a pair
+    (two sizes) need one relative position."""
+    n, _, h, w = images.shape
     if window is None or (h <= window and w <= window):
-        return image
-    top, left = window_offset(h, window, geometry.crop_y), window_offset(w, window, geometry.crop_x)
-    return np.ascontiguousarray(image[top : top + window, left : left + window])
+        return images
+    steps = torch.arange(window, device=images.device)
+    top = (positions[:, 1] * max(h - window, 0)).round().long()
+    left = (positions[:, 0] * max(w - window, 0)).round().long()
+    rows = (top[:, None] + steps)[:, :, None]
+    cols = (left[:, None] + steps)[:, None, :]
+    return images[torch.arange(n, device=images.device)[:, None, None], 0, rows, cols].unsqueeze(1)
 
 
-def apply_geometry(image: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Apply flips, quarter turns, then shift/zoom/rotation about the centre (reflected borders)."""
-    if geometry.hflip:
-        image = image[:, ::-1]
-    if geometry.vflip:
-        image = image[::-1, :]
-    if geometry.quarter_turns:
-        image = np.rot90(image, geometry.quarter_turns)
-    image = np.ascontiguousarray(image)
-    if not geometry.has_affine:
-        return image
-    h, w = image.shape[:2]
-    matrix = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), geometry.angle, geometry.scale)
-    matrix[0, 2] += geometry.shift_x * w
-    matrix[1, 2] += geometry.shift_y * h
-    return cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+def _resized_params(module: K.AugmentationBase2D, params: dict[str, Tensor], shape: torch.Size) -> dict[str, Tensor]:
+    """`params` drawn for one chip size, made to mean the same relative transform at another size."""
+    if not isinstance(module, K.RandomAffine):
+        return params  # flips and quarter turns: size-free parameters (the centre comes from the input)
+    reference = params["forward_input_shape"]
+    h, w = shape[-2:]
+    ratio = torch.tensor([w / float(reference[-1]), h / float(reference[-2])], dtype=params["translations"].dtype)
+    centre = torch.tensor([(w - 1) / 2, (h - 1) / 2], dtype=params["center"].dtype)
+    return {**params, "translations": params["translations"] * ratio, "center": centre.expand_as(params["center"]),
+            "forward_input_shape": torch.tensor(list(shape), dtype=reference.dtype)}
 
 
-def _eo_photometry(config: AugmentConfig) -> A.Compose | None:
-    steps: list[A.BasicTransform] = []
-    if config.eo_brightness_contrast:
-        limit = config.eo_brightness_contrast
-        steps.append(A.RandomBrightnessContrast(brightness_limit=limit, contrast_limit=limit, p=1.0))
-    if config.eo_noise:
-        steps.append(A.GaussNoise(std_range=(0.0, config.eo_noise), p=1.0))
-    return A.Compose(steps) if steps else None
+class BatchAugmenter:
+    """Applies an AugmentSpec to batches of chips, per sample; the one implementation of both paths."""
 
-
-def speckle_half_width(config: AugmentConfig) -> float:
-    """Speckle is a multiplier drawn uniformly from [1 - h, 1 + h] with std sar_speckle (both paths)."""
-    return min(config.sar_speckle * math.sqrt(3), 0.99)
-
-
-def _sar_photometry(config: AugmentConfig) -> A.Compose | None:
-    steps: list[A.BasicTransform] = []
-    if config.sar_speckle:
-        half_width = speckle_half_width(config)
-        steps.append(A.MultiplicativeNoise(multiplier=(1 - half_width, 1 + half_width), elementwise=True, p=1.0))
-    if config.sar_gamma:
-        g = config.sar_gamma
-        steps.append(A.RandomGamma(gamma_limit=(100 * (1 - g), 100 * (1 + g)), p=1.0))
-    return A.Compose(steps) if steps else None
-
-
-class Augmenter:
-    """Samples a Geometry per sample and augments uint8 chips into float32 [0, 1] chips."""
-
-    def __init__(self, config: AugmentConfig) -> None:
-        self.config = config
-        self._photometry = {"eo": _eo_photometry(config), "sar": _sar_photometry(config)}
-
-    def sample_geometry(self, rng: np.random.Generator) -> Geometry:
-        return sample_geometry(self.config, rng)
+    def __init__(self, spec: AugmentSpec) -> None:
+        self.spec = spec
+        geometry: list[K.AugmentationBase2D] = []
+        if spec.hflip:
+            geometry.append(K.RandomHorizontalFlip(p=0.5))
+        if spec.vflip:
+            geometry.append(K.RandomVerticalFlip(p=0.5))
+        if spec.rot90:
+            # kornia rounds a continuous draw of `times`: (-1.5, 2.5) gives -1, 0, 1, 2 with 1/4 each
+            # (-1 is 3 turns); the integer range (0, 3) would make 0 and 3 half as likely as 1 and 2.
+            geometry.append(K.RandomRotation90(times=(-1.5, 2.5), p=1.0))
+        if spec.shift or spec.scale or spec.rotate:
+            geometry.append(K.RandomAffine(
+                degrees=spec.angle_range, translate=(spec.shift, spec.shift) if spec.shift else None,
+                scale=spec.zoom_range if spec.scale else None, padding_mode="reflection", p=1.0,
+            ))
+        self._geometry = geometry
+        # Contrast then brightness, unclipped in between: x * a + b, as the spec says.
+        eo: list[K.AugmentationBase2D] = []
+        if spec.eo_brightness_contrast:
+            eo.append(K.RandomContrast(contrast=spec.contrast_range, clip_output=False, p=1.0))
+            eo.append(K.RandomBrightness(brightness=tuple(1 + b for b in spec.brightness_range), clip_output=False, p=1.0))
+        sar: list[K.AugmentationBase2D] = []
+        if spec.sar_gamma:
+            sar.append(K.RandomGamma(gamma=spec.gamma_range, gain=(1.0, 1.0), p=1.0))
+        self._photometry = {"eo": eo, "sar": sar}
 
     def __call__(
-        self, chip: np.ndarray, geometry: Geometry, rng: np.random.Generator, modality: str, window: int | None = None
-    ) -> np.ndarray:
-        """Augment one uint8 chip of `modality` ('eo' or 'sar') with `geometry`, cut to `window`; float32 in [0, 1]."""
-        image = crop_window(apply_geometry(chip, geometry), window, geometry).astype(np.float32) * np.float32(1 / 255)
-        photometry = self._photometry[modality]
-        if photometry is not None:
-            photometry.set_random_state(rng, random.Random(int(rng.integers(2**63))))
-            image = np.clip(photometry(image=image)["image"], 0.0, 1.0, dtype=np.float32)
-        return image
+        self, chips: Mapping[str, Tensor], modality: Mapping[str, str], window: Mapping[str, int | None], seed: int
+    ) -> dict[str, Tensor]:
+        """Augment float [0, 1] chips (n, 1, H, W) of each key with one geometry and window position per sample.
+
+        `modality[key]` ('eo' or 'sar') picks the key's photometry; `window[key]` its window side (None:
+        no crop). Every draw follows `seed`: kornia's from the global CPU generator inside a forked RNG
+        state, the hand-written ones from a generator on the chips' device."""
+        keys = list(chips)
+        if not keys:
+            return {}
+        first = chips[keys[0]]
+        n, device = first.shape[0], first.device
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+        positions = window_positions(n, generator, device)
+        out: dict[str, Tensor] = {}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            geometry = [(module, module.forward_parameters(first.shape)) for module in self._geometry]
+            for key in keys:
+                images = chips[key]
+                for module, params in geometry:
+                    images = module(images, params=_resized_params(module, params, images.shape))
+                images = crop_windows(images, window[key], positions)
+                out[key] = self._photometry_of(images, modality[key], generator).clamp_(0, 1)
+        return out
+
+    def _photometry_of(self, images: Tensor, modality: str, generator: torch.Generator) -> Tensor:
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be 'eo' or 'sar', got {modality!r}")
+        spec, n, device = self.spec, images.shape[0], images.device
+        if modality == "sar" and spec.sar_speckle:
+            # Hand-written: kornia has no multiplicative (speckle) noise.
+            low, high = spec.speckle_range
+            images = images * (low + (high - low) * torch.rand(images.shape, generator=generator, device=device))
+        for module in self._photometry[modality]:
+            images = module(images)
+        if modality == "eo" and spec.eo_noise:
+            # Hand-written: kornia's RandomGaussianNoise has one std for all samples; here it is drawn per sample.
+            low, high = spec.noise_std_range
+            sigma = low + (high - low) * torch.rand(n, 1, 1, 1, generator=generator, device=device)
+            images = images + sigma * torch.randn(images.shape, generator=generator, device=device)
+        return images
 
 
-def build_augmenter(aug_cfg: dict[str, Any] | None) -> Augmenter | None:
-    """An Augmenter for the `augment` config section; None when the section is empty or null."""
-    if not aug_cfg:
+def build_augmenter(section: Mapping[str, Any] | None) -> BatchAugmenter | None:
+    """A BatchAugmenter for the `augment` config section; None when the section is empty or null."""
+    if not section:
         return None
-    return Augmenter(AugmentConfig.from_dict(aug_cfg))
+    return BatchAugmenter(AugmentSpec.from_config(section))
