@@ -5,8 +5,9 @@ chip on the DataLoader path (ChipDataset through a DataLoader) and on the device
 (ResidentBatches); a statistic recovered from each output (flip rate, quarter turns, shift of a bright
 dot, zoom from the distance of two dots, rotation angle of an elongated blob, window offset, contrast
 and brightness of a two-level chip, noise std, speckle multiplier, gamma exponent of a ramp) must
-follow the range AugmentSpec gives, on each path, and the two paths' samples must agree (two-sample
-Kolmogorov-Smirnov distance).
+follow the distribution the setting means (written here from the settings, not from AugmentSpec's
+ranges, so a changed range anywhere fails), on each path, and the two paths' samples must agree
+(two-sample Kolmogorov-Smirnov distance).
 """
 
 from __future__ import annotations
@@ -147,29 +148,37 @@ DOT = _blobs(16, [(3, 2)], 0.3, 0.3)
 DOT_TURN = _blobs(16, [(4, 2)], 0.3, 0.3)
 WINDOW_PROBE = np.arange(400).reshape(20, 20).astype(np.uint8)
 
+S = SPEC  # the settings whose meaning the expected distributions spell out below
+FLAT = np.full((16, 16), 128, np.uint8)
+SPECKLE_HALF_WIDTH = math.sqrt(3) * S.sar_speckle  # uniform multiplier with std sar_speckle
+
 # transform: (settings switched on, probe, modality, window, statistic, expected moments, tolerances)
 CASES = {
     "hflip": ({"hflip": True}, DOT, "eo", None, _hflip_rate, {"mean": 0.5}, {"mean": 0.08}),
     "vflip": ({"vflip": True}, DOT, "sar", None, _vflip_rate, {"mean": 0.5}, {"mean": 0.08}),
     "rot90": ({"rot90": True}, DOT_TURN, "sar", None, _quarter_turns, {"mean": 1.5, "std": math.sqrt(1.25)},
               {"mean": 0.15, "std": 0.08}),
-    "shift": ({"shift": SPEC.shift}, _blobs(21, [(10, 10)]), "sar", None, _shift_x, _uniform(*SPEC.shift_range),
-              {"mean": 0.008, "std": 0.1 * SPEC.shift, "min": 0.15 * SPEC.shift, "max": 0.15 * SPEC.shift}),
-    "scale": ({"scale": SPEC.scale}, _blobs(31, [(9, 15), (21, 15)]), "sar", None, _zoom, _uniform(*SPEC.zoom_range),
-              {"mean": 0.01, "std": 0.1 * SPEC.scale, "min": 0.15 * SPEC.scale, "max": 0.15 * SPEC.scale}),
-    "rotate": ({"rotate": SPEC.rotate}, _blobs(31, [(15, 15)], 5.0, 1.5), "eo", None, _angle,
-               _uniform(*SPEC.angle_range), {"mean": 1.5, "std": 0.1 * SPEC.rotate, "min": 2.0, "max": 2.0}),
+    "shift": ({"shift": S.shift}, _blobs(21, [(10, 10)]), "sar", None, _shift_x, _uniform(-S.shift, S.shift),
+              {"mean": 0.008, "std": 0.1 * S.shift, "min": 0.15 * S.shift, "max": 0.15 * S.shift}),
+    "scale": ({"scale": S.scale}, _blobs(31, [(9, 15), (21, 15)]), "sar", None, _zoom,
+              _uniform(1 - S.scale, 1 + S.scale),
+              {"mean": 0.01, "std": 0.1 * S.scale, "min": 0.15 * S.scale, "max": 0.15 * S.scale}),
+    "rotate": ({"rotate": S.rotate}, _blobs(31, [(15, 15)], 5.0, 1.5), "eo", None, _angle,
+               _uniform(-S.rotate, S.rotate), {"mean": 1.5, "std": 0.1 * S.rotate, "min": 2.0, "max": 2.0}),
     "window": ({}, WINDOW_PROBE, "sar", 14, _window_left, {"mean": 3.0, "std": math.sqrt(38 / 12), "min": 0, "max": 6},
                {"mean": 0.3, "std": 0.15, "min": 0, "max": 0}),  # offset round(6 u): 0 and 6 half as likely
-    "eo_contrast": ({"eo_brightness_contrast": SPEC.eo_brightness_contrast}, TWO_LEVELS, "eo", None, _contrast,
-                    _uniform(*SPEC.contrast_range), {"mean": 0.02, "std": 0.012, "min": 0.02, "max": 0.02}),
-    "eo_brightness": ({"eo_brightness_contrast": SPEC.eo_brightness_contrast}, TWO_LEVELS, "eo", None, _brightness,
-                      _uniform(*SPEC.brightness_range), {"mean": 0.02, "std": 0.012, "min": 0.02, "max": 0.02}),
-    "eo_noise": ({"eo_noise": SPEC.eo_noise}, np.full((16, 16), 128, np.uint8), "eo", None, _noise_std,
-                 _uniform(*SPEC.noise_std_range), {"mean": 0.003, "std": 0.002, "min": 0.004, "max": 0.005}),
-    "sar_speckle": ({"sar_speckle": SPEC.sar_speckle}, np.full((16, 16), 128, np.uint8), "sar", None, _speckle,
-                    _uniform(*SPEC.speckle_range), {"mean": 0.005, "std": 0.005, "min": 0.01, "max": 0.01}),
-    "sar_gamma": ({"sar_gamma": SPEC.sar_gamma}, RAMP, "sar", None, _gamma, _uniform(*SPEC.gamma_range),
+    "eo_contrast": ({"eo_brightness_contrast": S.eo_brightness_contrast}, TWO_LEVELS, "eo", None, _contrast,
+                    _uniform(1 - S.eo_brightness_contrast, 1 + S.eo_brightness_contrast),
+                    {"mean": 0.02, "std": 0.012, "min": 0.02, "max": 0.02}),
+    "eo_brightness": ({"eo_brightness_contrast": S.eo_brightness_contrast}, TWO_LEVELS, "eo", None, _brightness,
+                      _uniform(-S.eo_brightness_contrast, S.eo_brightness_contrast),
+                      {"mean": 0.02, "std": 0.012, "min": 0.02, "max": 0.02}),
+    "eo_noise": ({"eo_noise": S.eo_noise}, FLAT, "eo", None, _noise_std, _uniform(0.0, S.eo_noise),
+                 {"mean": 0.003, "std": 0.002, "min": 0.004, "max": 0.005}),
+    "sar_speckle": ({"sar_speckle": S.sar_speckle}, FLAT, "sar", None, _speckle,
+                    _uniform(1 - SPECKLE_HALF_WIDTH, 1 + SPECKLE_HALF_WIDTH),
+                    {"mean": 0.005, "std": 0.005, "min": 0.01, "max": 0.01}),
+    "sar_gamma": ({"sar_gamma": S.sar_gamma}, RAMP, "sar", None, _gamma, _uniform(1 - S.sar_gamma, 1 + S.sar_gamma),
                   {"mean": 0.02, "std": 0.012, "min": 0.02, "max": 0.02}),
 }
 

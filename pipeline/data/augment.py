@@ -13,14 +13,16 @@ relative position for both chips; evaluation takes the centre window inside the 
 photometry drawn apart per modality: EO contrast x brightness and Gaussian noise, SAR multiplicative
 speckle and gamma. Chips are float [0, 1] tensors (n, 1, H, W); the result is clamped to [0, 1].
 
-kornia.augmentation does every transform whose sampling is exactly what the setting means; the few
-hand-written ones say why next to their code.
+kornia.augmentation does every transform whose sampling is exactly what the setting means (flips,
+shift/zoom/rotation, contrast, brightness, gamma); the few hand-written ones (quarter turns, window crop,
+speckle, Gaussian noise with a per-sample std) say why next to their code.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -156,10 +158,37 @@ def crop_windows(images: Tensor, window: int | None, positions: Tensor) -> Tenso
     return images[torch.arange(n, device=images.device)[:, None, None], 0, rows, cols].unsqueeze(1)
 
 
-def _resized_params(module: K.AugmentationBase2D, params: dict[str, Tensor], shape: torch.Size) -> dict[str, Tensor]:
-    """`params` drawn for one chip size, made to mean the same relative transform at another size."""
-    if not isinstance(module, K.RandomAffine):
-        return params  # flips and quarter turns: size-free parameters (the centre comes from the input)
+def quarter_turns(images: Tensor, turns: Tensor) -> Tensor:
+    """(n, 1, S, S) square images turned `turns[i]` (0-3) times 90 degrees counter-clockwise, exactly.
+
+    Hand-written: kornia's RandomRotation90 resamples with a bilinear warp (slower, not bit-exact) and
+    rounds a continuous draw, which makes 0 and 3 turns half as likely as 1 and 2 for times=(0, 3)."""
+    if images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"quarter turns need square chips, got {tuple(images.shape[-2:])}")
+    out = images.clone()
+    turns = turns.to(images.device)
+    for k in (1, 2, 3):
+        picked = (turns == k).nonzero().flatten()
+        if len(picked):
+            out[picked] = torch.rot90(images[picked], k, dims=(-2, -1))
+    return out
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """On the CPU, one intra-op thread for the batch's small ops: more only contend (README, Augmentation)."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def _resized_affine(params: dict[str, Tensor], shape: torch.Size) -> dict[str, Tensor]:
+    """RandomAffine `params` drawn for one chip size, made to mean the same relative transform at `shape`."""
     reference = params["forward_input_shape"]
     h, w = shape[-2:]
     ratio = torch.tensor([w / float(reference[-1]), h / float(reference[-2])], dtype=params["translations"].dtype)
@@ -173,26 +202,23 @@ class BatchAugmenter:
 
     def __init__(self, spec: AugmentSpec) -> None:
         self.spec = spec
-        geometry: list[K.AugmentationBase2D] = []
+        self._flips: list[K.AugmentationBase2D] = []
         if spec.hflip:
-            geometry.append(K.RandomHorizontalFlip(p=0.5))
+            self._flips.append(K.RandomHorizontalFlip(p=0.5))
         if spec.vflip:
-            geometry.append(K.RandomVerticalFlip(p=0.5))
-        if spec.rot90:
-            # kornia rounds a continuous draw of `times`: (-1.5, 2.5) gives -1, 0, 1, 2 with 1/4 each
-            # (-1 is 3 turns); the integer range (0, 3) would make 0 and 3 half as likely as 1 and 2.
-            geometry.append(K.RandomRotation90(times=(-1.5, 2.5), p=1.0))
+            self._flips.append(K.RandomVerticalFlip(p=0.5))
+        self._affine: K.RandomAffine | None = None  # shift, zoom and rotation about the centre, after the turns
         if spec.shift or spec.scale or spec.rotate:
-            geometry.append(K.RandomAffine(
+            self._affine = K.RandomAffine(
                 degrees=spec.angle_range, translate=(spec.shift, spec.shift) if spec.shift else None,
                 scale=spec.zoom_range if spec.scale else None, padding_mode="reflection", p=1.0,
-            ))
-        self._geometry = geometry
+            )
         # Contrast then brightness, unclipped in between: x * a + b, as the spec says.
         eo: list[K.AugmentationBase2D] = []
         if spec.eo_brightness_contrast:
             eo.append(K.RandomContrast(contrast=spec.contrast_range, clip_output=False, p=1.0))
-            eo.append(K.RandomBrightness(brightness=tuple(1 + b for b in spec.brightness_range), clip_output=False, p=1.0))
+            brightness = tuple(1 + b for b in spec.brightness_range)  # kornia adds factor - 1
+            eo.append(K.RandomBrightness(brightness=brightness, clip_output=False, p=1.0))
         sar: list[K.AugmentationBase2D] = []
         if spec.sar_gamma:
             sar.append(K.RandomGamma(gamma=spec.gamma_range, gain=(1.0, 1.0), p=1.0))
@@ -215,13 +241,19 @@ class BatchAugmenter:
         generator.manual_seed(seed)
         positions = window_positions(n, generator, device)
         out: dict[str, Tensor] = {}
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _one_cpu_thread(device):
             torch.manual_seed(seed)
-            geometry = [(module, module.forward_parameters(first.shape)) for module in self._geometry]
+            flips = [(module, module.forward_parameters(first.shape)) for module in self._flips]
+            turns = torch.randint(0, 4, (n,)) if self.spec.rot90 else None
+            affine = self._affine.forward_parameters(first.shape) if self._affine is not None else None
             for key in keys:
                 images = chips[key]
-                for module, params in geometry:
-                    images = module(images, params=_resized_params(module, params, images.shape))
+                for module, params in flips:
+                    images = module(images, params=params)
+                if turns is not None:
+                    images = quarter_turns(images, turns)
+                if affine is not None:
+                    images = self._affine(images, params=_resized_affine(affine, images.shape))
                 images = crop_windows(images, window[key], positions)
                 out[key] = self._photometry_of(images, modality[key], generator).clamp_(0, 1)
         return out
