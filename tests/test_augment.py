@@ -48,7 +48,8 @@ def _draw(spec: AugmentSpec, probe: np.ndarray, modality: str, path: str, window
     sampler = make_sampler("uniform", labels, 0.0, num_samples=N, seed=0)
     augment = BatchAugmenter(spec)
     if path == "loader":
-        dataset = ChipDataset(chips, rows, labels, (0.0, 1.0), augment, seed=SEEDS[path], modality=modality, window=window)
+        dataset = ChipDataset(chips, rows, labels, (0.0, 1.0), augment, seed=SEEDS[path], modality=modality,
+                              window=window)
         images = torch.cat([b["image"] for b in DataLoader(dataset, batch_size=BATCH, sampler=sampler)])
     else:
         resident = ResidentBatches({"image": (chips, rows, (0.0, 1.0), modality, window)}, labels, sampler, BATCH,
@@ -231,14 +232,27 @@ def test_same_keys_get_the_same_augmentation_on_both_paths() -> None:
         dataset = PairedChipDataset(eo, sar, eo_rows, np.arange(n), labels, (0.4, 0.2), (0.3, 0.25), augment, seed=1,
                                     windows=(16, 32))
         dataset.set_epoch(epoch)
-        resident = ResidentBatches({"eo": (eo, eo_rows, (0.4, 0.2), "eo", 16), "sar": (sar, np.arange(n), (0.3, 0.25), "sar", 32)},
-                                   labels, sampler, 8, torch.device("cpu"), augment, seed=1)
+        arrays = {"eo": (eo, eo_rows, (0.4, 0.2), "eo", 16), "sar": (sar, np.arange(n), (0.3, 0.25), "sar", 32)}
+        resident = ResidentBatches(arrays, labels, sampler, 8, torch.device("cpu"), augment, seed=1)
         resident.set_epoch(epoch)
         loader = DataLoader(dataset, batch_size=8, sampler=sampler, drop_last=True)
         for a, b in zip(loader, resident, strict=True):
             assert set(a) == set(b)
             for key in a:
                 torch.testing.assert_close(a[key].to(b[key].dtype), b[key], atol=1e-5, rtol=0, msg=key)
+
+
+def test_cpu_threads_are_restored_and_non_square_turns_refused() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        chips = {"image": torch.rand(4, 1, 8, 8)}
+        BatchAugmenter(AugmentSpec(sar_speckle=0.1))(chips, {"image": "sar"}, {"image": None}, seed=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="square"):
+        BatchAugmenter(AugmentSpec(rot90=True))({"image": torch.rand(4, 1, 8, 6)}, {"image": "sar"}, {"image": None}, 0)
 
 
 def test_spec_lists_the_transforms_of_each_modality() -> None:

@@ -77,7 +77,8 @@ def test_geometry_on_odd_sizes() -> None:
         assert min(errors) == 0
         seen.add(int(np.argmin(errors)))
     assert len(seen) >= 5
-    moved = BatchAugmenter(AugmentSpec(shift=0.1, scale=0.1, rotate=7.0))(chips, {"image": "sar"}, {"image": None}, seed=0)
+    affine = BatchAugmenter(AugmentSpec(shift=0.1, scale=0.1, rotate=7.0))
+    moved = affine(chips, {"image": "sar"}, {"image": None}, seed=0)
     assert moved["image"].shape == (16, 1, 33, 33) and not torch.equal(moved["image"], chips["image"])
 
 

@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         dataset = PairedChipDataset(eo, sar, rows, rows, labels, NORM, NORM, augment, windows=(EO_WINDOW, SAR_WINDOW))
         for workers in args.workers:
             console.print(f"timing the DataLoader path, {name}, {workers} worker(s) ...")
-            loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers, drop_last=True)
+            loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
+                                drop_last=True)
             table.add_row(name, "DataLoader", str(workers), f"{_rate(loader, args.batches, args.warmup):,.0f}")
         console.print(f"timing the resident path on {device}, {name} ...")
         arrays = {"eo": (eo, rows, NORM, "eo", EO_WINDOW), "sar": (sar, rows, NORM, "sar", SAR_WINDOW)}

@@ -94,7 +94,9 @@ class _EpochSeeded(Dataset):
         """uint8 chips (n, H, W) per batch key, and a presence mask for keys that may lack a chip."""
         raise NotImplementedError
 
-    def _items(self, batch: dict[str, torch.Tensor], items: np.ndarray, present: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    def _items(
+        self, batch: dict[str, torch.Tensor], items: np.ndarray, present: dict[str, np.ndarray]
+    ) -> list[dict[str, Any]]:
         raise NotImplementedError
 
     def __getstate__(self) -> dict[str, Any]:
@@ -148,7 +150,9 @@ class ChipDataset(_EpochSeeded):
     def _chips(self, items: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         return {"image": np.asarray(self.images[self.rows[items]])}, {}
 
-    def _items(self, batch: dict[str, torch.Tensor], items: np.ndarray, present: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    def _items(
+        self, batch: dict[str, torch.Tensor], items: np.ndarray, present: dict[str, np.ndarray]
+    ) -> list[dict[str, Any]]:
         return [
             {"image": image, "label": torch.tensor(self.labels[item]), "index": int(item)}
             for image, item in zip(batch["image"], items)
@@ -200,7 +204,9 @@ class PairedChipDataset(_EpochSeeded):
         eo = np.stack([blank if chip is None else chip for chip, _ in pairs])
         return {"eo": eo, "sar": np.stack([sar for _, sar in pairs])}, {"eo": has_eo}
 
-    def _items(self, batch: dict[str, torch.Tensor], items: np.ndarray, present: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    def _items(
+        self, batch: dict[str, torch.Tensor], items: np.ndarray, present: dict[str, np.ndarray]
+    ) -> list[dict[str, Any]]:
         return [
             {"eo": eo, "sar": sar, "has_eo": torch.tensor(bool(has_eo)), "label": torch.tensor(self.labels[item]),
              "index": int(item)}
