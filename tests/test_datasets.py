@@ -16,13 +16,14 @@ from rich.console import Console
 from torch.utils.data import DataLoader
 
 from pipeline.config import load_config
-from pipeline.data.augment import AugmentSpec, BatchAugmenter, build_augmenter
+from pipeline.data.augment import AugmentSpec, BatchAugmenter, build_augmenter, sample_seeds
 from pipeline.data.datasets import ChipDataset, PairedChipDataset, stratified_split
 from pipeline.data.layout import discover_layout
 from pipeline.data.pack import pack_dataset
 from pipeline.data.samplers import make_sampler
 from pipeline.errors import UserError
 
+SEEDS_16 = sample_seeds(0, 0, range(16))
 GEOMETRY_ONLY = {"hflip": True, "vflip": True, "rot90": True, "shift": 0.1, "scale": 0.1, "rotate": 20.0}
 
 
@@ -67,9 +68,9 @@ def test_geometry_on_odd_sizes() -> None:
     """Flips and quarter turns move pixels exactly (a dihedral copy), shift/zoom/rotation resample; sizes stay."""
     image = _pattern(33)
     chips = {"image": torch.from_numpy(np.stack([image] * 16)).unsqueeze(1).float() / 255}
-    same = BatchAugmenter(AugmentSpec())(chips, {"image": "sar"}, {"image": None}, seed=0)["image"]
+    same = BatchAugmenter(AugmentSpec())(chips, {"image": "sar"}, {"image": None}, SEEDS_16)["image"]
     torch.testing.assert_close(same, chips["image"])
-    turned = BatchAugmenter(AugmentSpec(hflip=True, rot90=True))(chips, {"image": "sar"}, {"image": None}, seed=0)
+    turned = BatchAugmenter(AugmentSpec(hflip=True, rot90=True))(chips, {"image": "sar"}, {"image": None}, SEEDS_16)
     dihedral = [np.rot90(flipped, k) for flipped in (image, image[:, ::-1]) for k in range(4)]
     seen = set()
     for chip in turned["image"][:, 0].numpy():
@@ -78,7 +79,7 @@ def test_geometry_on_odd_sizes() -> None:
         seen.add(int(np.argmin(errors)))
     assert len(seen) >= 5
     affine = BatchAugmenter(AugmentSpec(shift=0.1, scale=0.1, rotate=7.0))
-    moved = affine(chips, {"image": "sar"}, {"image": None}, seed=0)
+    moved = affine(chips, {"image": "sar"}, {"image": None}, SEEDS_16)
     assert moved["image"].shape == (16, 1, 33, 33) and not torch.equal(moved["image"], chips["image"])
 
 

@@ -2,8 +2,9 @@
 
 Both training paths use the same code: the DataLoader path (pipeline.data.datasets) augments each
 batch of draw keys in the dataset's `__getitems__`, the device-resident path (pipeline.data.resident)
-augments each batch on the device. A batch's random draws are seeded by (seed, epoch, its draw keys),
-so the same batch gets the same augmentation on either path, whatever the number of workers.
+augments each batch on the device. Each sample's draws come from its own seed, a hash of (seed, epoch,
+draw key): a key gets the same augmentation on either path, in any batch, with any number of workers
+or DDP ranks (on a GPU the per-pixel noise is the one exception, see _noise_field).
 
 Per sample: one geometry shared by the chips of a pair (flips, quarter turns, then shift / zoom /
 small rotation about the centre with reflected borders, all relative to the chip size so an EO chip of
@@ -13,9 +14,9 @@ relative position for both chips; evaluation takes the centre window inside the 
 photometry drawn apart per modality: EO contrast x brightness and Gaussian noise, SAR multiplicative
 speckle and gamma. Chips are float [0, 1] tensors (n, 1, H, W); the result is clamped to [0, 1].
 
-kornia.augmentation does every transform whose sampling is exactly what the setting means (flips,
-shift/zoom/rotation, contrast, brightness, gamma); the few hand-written ones (quarter turns, window crop,
-speckle, Gaussian noise with a per-sample std) say why next to their code.
+kornia.augmentation applies the transforms it has exactly (flips, shift/zoom/rotation, contrast,
+brightness, gamma) with parameters drawn here per sample; the few hand-written ones (quarter turns,
+window crop, speckle, Gaussian noise with a per-sample std) say why next to their code.
 """
 
 from __future__ import annotations
@@ -131,15 +132,31 @@ class AugmentSpec:
         return (1 - self.sar_gamma, 1 + self.sar_gamma)
 
 
-def batch_seed(seed: int, epoch: int, keys: Sequence[int] | np.ndarray) -> int:
-    """The seed of one batch's augmentation: a hash of (seed, epoch, its draw keys)."""
-    entropy = [int(seed), int(epoch), *np.asarray(keys, dtype=np.int64).tolist()]
-    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> np.uint64(1))
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
 
 
-def window_positions(n: int, generator: torch.Generator, device: torch.device) -> Tensor:
-    """(n, 2) window positions (x, y) in [0, 1], shared by the chips of one sample."""
-    return torch.rand(n, 2, generator=generator, device=device)
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function, elementwise on uint64 (wrapping arithmetic)."""
+    z = (z ^ (z >> np.uint64(30))) * _MIX[0]
+    z = (z ^ (z >> np.uint64(27))) * _MIX[1]
+    return z ^ (z >> np.uint64(31))
+
+
+def sample_seeds(seed: int, epoch: int, keys: Sequence[int] | np.ndarray) -> np.ndarray:
+    """One uint64 seed per draw key: a sample's augmentation depends on (seed, epoch, key) only, never on
+    the other samples of its batch (so DDP ranks' shares of a batch are augmented like the whole batch)."""
+    base = np.random.SeedSequence((int(seed), int(epoch))).generate_state(1, np.uint64)[0]
+    with np.errstate(over="ignore"):
+        return _mix64(base + _mix64(np.asarray(keys, dtype=np.int64).astype(np.uint64) + _GOLDEN))
+
+
+def sample_uniforms(seeds: np.ndarray, count: int) -> np.ndarray:
+    """(n, count) uniforms in [0, 1): the first `count` outputs of a SplitMix64 stream per seed (vectorised)."""
+    with np.errstate(over="ignore"):
+        steps = np.arange(1, count + 1, dtype=np.uint64) * _GOLDEN
+        z = _mix64(np.asarray(seeds, dtype=np.uint64)[:, None] + steps[None, :])
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def crop_windows(images: Tensor, window: int | None, positions: Tensor) -> Tensor:
@@ -187,92 +204,135 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
-def _resized_affine(params: dict[str, Tensor], shape: torch.Size) -> dict[str, Tensor]:
-    """RandomAffine `params` drawn for one chip size, made to mean the same relative transform at `shape`."""
-    reference = params["forward_input_shape"]
-    h, w = shape[-2:]
-    ratio = torch.tensor([w / float(reference[-1]), h / float(reference[-2])], dtype=params["translations"].dtype)
-    centre = torch.tensor([(w - 1) / 2, (h - 1) / 2], dtype=params["center"].dtype)
-    return {**params, "translations": params["translations"] * ratio, "center": centre.expand_as(params["center"]),
-            "forward_input_shape": torch.tensor(list(shape), dtype=reference.dtype)}
+def _noise_field(shape: torch.Size, seeds: np.ndarray, device: torch.device, gaussian: bool) -> Tensor:
+    """Per-pixel noise (uniform [0, 1) or standard normal) of `shape`, one stream per sample seed on the CPU.
+
+    On another device one batched draw seeded by all the batch's seeds (per-sample streams would cost a
+    kernel launch per chip): there the noise pixels, unlike every other draw, depend on the batch."""
+    draw = torch.randn if gaussian else torch.rand
+    if device.type == "cpu":
+        out = torch.empty(shape)
+        for i, seed in enumerate(seeds.tolist()):
+            draw(shape[1:], generator=torch.Generator().manual_seed(seed), out=out[i])
+        return out
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(np.bitwise_xor.reduce(np.asarray(seeds, dtype=np.uint64)) >> np.uint64(1)))
+    return draw(shape, generator=generator, device=device)
+
+
+# Columns of a sample's uniforms (fixed whatever is switched on, so one setting never moves another's draws).
+_U_HFLIP, _U_VFLIP, _U_TURNS, _U_SHIFT_X, _U_SHIFT_Y, _U_ZOOM, _U_ANGLE, _U_CROP_X, _U_CROP_Y = range(9)
+_U_CONTRAST, _U_BRIGHTNESS, _U_NOISE_STD, _U_GAMMA, _U_NOISE_SEED, _U_SPECKLE_SEED = range(9, 15)
+_N_UNIFORMS = 15
+
+
+def _spread(u: np.ndarray, low: float, high: float) -> Tensor:
+    """Uniforms in [0, 1) mapped onto [low, high), as a float32 CPU tensor."""
+    return torch.from_numpy(low + (high - low) * u).float()
+
+
+def _stream_seeds(u: np.ndarray) -> np.ndarray:
+    """Integer seeds (53 bits) for per-sample noise streams, from one column of uniforms."""
+    return (u * 2.0**53).astype(np.int64)
 
 
 class BatchAugmenter:
-    """Applies an AugmentSpec to batches of chips, per sample; the one implementation of both paths."""
+    """Applies an AugmentSpec to batches of chips, per sample; the one implementation of both paths.
+
+    Every sample's parameters are drawn here from its own seed (see sample_seeds) and mapped onto the
+    spec's ranges; kornia.augmentation applies them (flips, RandomAffine, contrast, brightness, gamma)
+    through its `params=` argument. kornia's own samplers are not used: they draw a whole batch from the
+    global generator, so a sample's draw would depend on the rest of its batch.
+    """
 
     def __init__(self, spec: AugmentSpec) -> None:
         self.spec = spec
-        self._flips: list[K.AugmentationBase2D] = []
-        if spec.hflip:
-            self._flips.append(K.RandomHorizontalFlip(p=0.5))
-        if spec.vflip:
-            self._flips.append(K.RandomVerticalFlip(p=0.5))
-        self._affine: K.RandomAffine | None = None  # shift, zoom and rotation about the centre, after the turns
-        if spec.shift or spec.scale or spec.rotate:
-            self._affine = K.RandomAffine(
-                degrees=spec.angle_range, translate=(spec.shift, spec.shift) if spec.shift else None,
-                scale=spec.zoom_range if spec.scale else None, padding_mode="reflection", p=1.0,
-            )
+        self._hflip = K.RandomHorizontalFlip(p=0.5)
+        self._vflip = K.RandomVerticalFlip(p=0.5)
+        self._affine = K.RandomAffine(degrees=0.0, padding_mode="reflection", p=1.0)  # shift, zoom, rotation
         # Contrast then brightness, unclipped in between: x * a + b, as the spec says.
-        eo: list[K.AugmentationBase2D] = []
-        if spec.eo_brightness_contrast:
-            eo.append(K.RandomContrast(contrast=spec.contrast_range, clip_output=False, p=1.0))
-            brightness = tuple(1 + b for b in spec.brightness_range)  # kornia adds factor - 1
-            eo.append(K.RandomBrightness(brightness=brightness, clip_output=False, p=1.0))
-        sar: list[K.AugmentationBase2D] = []
-        if spec.sar_gamma:
-            sar.append(K.RandomGamma(gamma=spec.gamma_range, gain=(1.0, 1.0), p=1.0))
-        self._photometry = {"eo": eo, "sar": sar}
+        self._contrast = K.RandomContrast(clip_output=False, p=1.0)
+        self._brightness = K.RandomBrightness(clip_output=False, p=1.0)
+        self._gamma = K.RandomGamma(p=1.0)
 
     def __call__(
-        self, chips: Mapping[str, Tensor], modality: Mapping[str, str], window: Mapping[str, int | None], seed: int
+        self, chips: Mapping[str, Tensor], modality: Mapping[str, str], window: Mapping[str, int | None],
+        seeds: np.ndarray,
     ) -> dict[str, Tensor]:
         """Augment float [0, 1] chips (n, 1, H, W) of each key with one geometry and window position per sample.
 
         `modality[key]` ('eo' or 'sar') picks the key's photometry; `window[key]` its window side (None:
-        no crop). Every draw follows `seed`: kornia's from the global CPU generator inside a forked RNG
-        state, the hand-written ones from a generator on the chips' device."""
+        no crop); `seeds` (n uint64, from sample_seeds) the samples' draws."""
         keys = list(chips)
         if not keys:
             return {}
-        first = chips[keys[0]]
-        n, device = first.shape[0], first.device
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
-        positions = window_positions(n, generator, device)
+        n, device = chips[keys[0]].shape[0], chips[keys[0]].device
+        seeds = np.asarray(seeds, dtype=np.uint64)
+        if len(seeds) != n:
+            raise ValueError(f"{len(seeds)} seeds for {n} samples")
+        u = sample_uniforms(seeds, _N_UNIFORMS)
+        positions = torch.from_numpy(u[:, [_U_CROP_X, _U_CROP_Y]]).float().to(device)
         out: dict[str, Tensor] = {}
-        with torch.random.fork_rng(devices=[]), _one_cpu_thread(device):
-            torch.manual_seed(seed)
-            flips = [(module, module.forward_parameters(first.shape)) for module in self._flips]
-            turns = torch.randint(0, 4, (n,)) if self.spec.rot90 else None
-            affine = self._affine.forward_parameters(first.shape) if self._affine is not None else None
+        with _one_cpu_thread(device):
             for key in keys:
-                images = chips[key]
-                for module, params in flips:
-                    images = module(images, params=params)
-                if turns is not None:
-                    images = quarter_turns(images, turns)
-                if affine is not None:
-                    images = self._affine(images, params=_resized_affine(affine, images.shape))
+                images = self._geometry(chips[key], u)
                 images = crop_windows(images, window[key], positions)
-                out[key] = self._photometry_of(images, modality[key], generator).clamp_(0, 1)
+                out[key] = self._photometry_of(images, modality[key], u).clamp_(0, 1)
         return out
 
-    def _photometry_of(self, images: Tensor, modality: str, generator: torch.Generator) -> Tensor:
+    def _geometry(self, images: Tensor, u: np.ndarray) -> Tensor:
+        """Flips, quarter turns, then shift / zoom / rotation about the centre, relative to the chip's size."""
+        spec, shape = self.spec, images.shape
+        size = torch.tensor(list(shape), dtype=torch.long)
+        if spec.hflip:
+            images = self._hflip(images, params={"batch_prob": torch.from_numpy(u[:, _U_HFLIP] < 0.5),
+                                                 "forward_input_shape": size})
+        if spec.vflip:
+            images = self._vflip(images, params={"batch_prob": torch.from_numpy(u[:, _U_VFLIP] < 0.5),
+                                                 "forward_input_shape": size})
+        if spec.rot90:
+            images = quarter_turns(images, torch.from_numpy(np.floor(4 * u[:, _U_TURNS])).long())
+        if spec.shift or spec.scale or spec.rotate:
+            n, h, w = shape[0], shape[-2], shape[-1]
+            shift = torch.stack([_spread(u[:, _U_SHIFT_X], *spec.shift_range) * w,
+                                 _spread(u[:, _U_SHIFT_Y], *spec.shift_range) * h], dim=1)
+            zoom = _spread(u[:, _U_ZOOM], *spec.zoom_range)
+            params = {
+                "translations": shift, "center": torch.tensor([(w - 1) / 2, (h - 1) / 2]).expand(n, 2),
+                "scale": torch.stack([zoom, zoom], dim=1), "angle": _spread(u[:, _U_ANGLE], *spec.angle_range),
+                "shear_x": torch.zeros(n), "shear_y": torch.zeros(n), "batch_prob": torch.ones(n, dtype=torch.bool),
+                "forward_input_shape": size,
+            }
+            images = self._affine(images, params=params)
+        return images
+
+    def _photometry_of(self, images: Tensor, modality: str, u: np.ndarray) -> Tensor:
         if modality not in MODALITIES:
             raise ValueError(f"modality must be 'eo' or 'sar', got {modality!r}")
         spec, n, device = self.spec, images.shape[0], images.device
+        size = torch.tensor(list(images.shape), dtype=torch.long)
+        ones = torch.ones(n, dtype=torch.bool)
         if modality == "sar" and spec.sar_speckle:
             # Hand-written: kornia has no multiplicative (speckle) noise.
             low, high = spec.speckle_range
-            images = images * (low + (high - low) * torch.rand(images.shape, generator=generator, device=device))
-        for module in self._photometry[modality]:
-            images = module(images)
+            field = _noise_field(images.shape, _stream_seeds(u[:, _U_SPECKLE_SEED]), device, gaussian=False)
+            images = images * (low + (high - low) * field.to(device))
+        if modality == "sar" and spec.sar_gamma:
+            params = {"gamma_factor": _spread(u[:, _U_GAMMA], *spec.gamma_range), "gain_factor": torch.ones(n),
+                      "batch_prob": ones, "forward_input_shape": size}
+            images = self._gamma(images, params=params)
+        if modality == "eo" and spec.eo_brightness_contrast:
+            contrast = _spread(u[:, _U_CONTRAST], *spec.contrast_range)
+            images = self._contrast(images, params={"contrast_factor": contrast, "batch_prob": ones,
+                                                    "forward_input_shape": size})
+            brightness = 1 + _spread(u[:, _U_BRIGHTNESS], *spec.brightness_range)  # kornia adds factor - 1
+            images = self._brightness(images, params={"brightness_factor": brightness, "batch_prob": ones,
+                                                      "forward_input_shape": size})
         if modality == "eo" and spec.eo_noise:
             # Hand-written: kornia's RandomGaussianNoise has one std for all samples; here it is drawn per sample.
-            low, high = spec.noise_std_range
-            sigma = low + (high - low) * torch.rand(n, 1, 1, 1, generator=generator, device=device)
-            images = images + sigma * torch.randn(images.shape, generator=generator, device=device)
+            sigma = _spread(u[:, _U_NOISE_STD], *spec.noise_std_range).to(device).view(n, 1, 1, 1)
+            field = _noise_field(images.shape, _stream_seeds(u[:, _U_NOISE_SEED]), device, gaussian=True)
+            images = images + sigma * field.to(device)
         return images
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.data.augment import BatchAugmenter, batch_seed
+from pipeline.data.augment import BatchAugmenter, sample_seeds
 from pipeline.errors import UserError
 
 Norm = tuple[float, float] | Mapping[str, float]
@@ -83,7 +83,7 @@ class _EpochSeeded(Dataset):
         chips, present = self._chips(items)
         batch = {key: torch.from_numpy(array).unsqueeze(1).float().mul_(1 / 255) for key, array in chips.items()}
         if self.augment is not None:
-            batch = self.augment(batch, self.modality, self.window, batch_seed(self.seed, self.epoch, keys))
+            batch = self.augment(batch, self.modality, self.window, sample_seeds(self.seed, self.epoch, keys))
         for key, (mean, std) in self.norm.items():
             batch[key] = (batch[key] - mean) / std
             if key in present:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.data.augment import BatchAugmenter, batch_seed
+from pipeline.data.augment import BatchAugmenter, sample_seeds
 
 Norm = tuple[float, float]
 # A batch key's chips: (packed uint8 array, rows of the items in it, (mean, std), modality, window side).
@@ -95,7 +95,7 @@ class ResidentBatches:
             for key in self.chips:
                 chips[key], present[key] = self._chips(key, items)
             if self.augment is not None:
-                chips = self.augment(chips, self.modality, self.window, batch_seed(self.seed, self.epoch, batch_keys))
+                chips = self.augment(chips, self.modality, self.window, sample_seeds(self.seed, self.epoch, batch_keys))
             for key in self.chips:
                 mean, std = self.norm[key]
                 images = (chips[key] - mean) / std
