@@ -2,9 +2,9 @@
 
 A dataset is indexed by a draw key (see pipeline.data.samplers): it reads item `key % len(self)`. A
 DataLoader fetches a whole batch of keys through `__getitems__`, which augments the batch at once with
-pipeline.data.augment.BatchAugmenter (the same code as the device-resident path), seeded by (seed,
-epoch, the batch's keys): augmentation is reproducible and the same whatever the number of workers.
-`dataset[key]` is a batch of one. Plain indices 0..len-1 are keys too. Memory-mapped arrays travel to
+pipeline.data.augment.BatchAugmenter (the same code as the device-resident path); each item's draws
+are seeded by (seed, epoch, its key), so augmentation is reproducible and the same whatever the batch,
+the number of workers or of DDP ranks. `dataset[key]` is a batch of one. Plain indices 0..len-1 are keys too. Memory-mapped arrays travel to
 spawned workers as file references, not copies.
 """
 

@@ -5,9 +5,9 @@ chips; here the uint8 arrays are copied to the device once (full scale: ~1.4 GB 
 every batch is gathered, augmented and normalised with a few batched tensor ops. It works on the CPU
 too (same code, tensors in RAM), which is how the tests run it.
 
-Augmentation is pipeline.data.augment.BatchAugmenter, the same code and the same seeding by (seed,
-epoch, the batch's draw keys) as the DataLoader path, so a batch of the same keys is augmented alike on
-both paths (tests/test_augment.py checks it, and that every transform draws the spec's distribution).
+Augmentation is pipeline.data.augment.BatchAugmenter, the same code and the same per-sample seeding by
+(seed, epoch, draw key) as the DataLoader path, so a key is augmented alike on both paths
+(tests/test_augment.py checks it, and that every transform draws the spec's distribution).
 """
 
 from __future__ import annotations
