@@ -7,7 +7,7 @@ the typed sections (`cfg.data`, `cfg.distill_sar.loss`, ...). `python -m pipelin
 prints a profile resolved, one comment per key.
 
 pydantic (not dataclasses) because it gives type coercion, range checks and the dotted location of
-every error for free; it is already a dependency of albumentations.
+every error for free.
 """
 
 from __future__ import annotations
@@ -75,10 +75,10 @@ class AugmentSection(Section):
     hflip: bool = _f(False, "flips and quarter turns: off (radar shadows fall one way; chosen on validation)")
     vflip: bool = _f(False, "vertical flips")
     rot90: bool = _f(False, "random quarter turns")
-    shift: NonNegative = _f(0.0, "max affine translation, fraction of the chip (the window crop translates already)")
+    shift: Fraction = _f(0.0, "max affine translation, fraction of the chip (the window crop translates already)")
     scale: Fraction = _f(0.0, "max relative zoom in/out (off: chips keep their physical scale)")
     rotate: NonNegative = _f(0.0, "max extra rotation in degrees (on top of 90-degree steps)")
-    eo_brightness_contrast: NonNegative = _f(0.2, "EO brightness/contrast jitter")
+    eo_brightness_contrast: Annotated[float, Field(ge=0.0, le=1.0)] = _f(0.2, "EO brightness/contrast jitter")
     eo_noise: NonNegative = _f(0.02, "std of additive Gaussian noise on [0,1] EO")
     sar_speckle: Fraction = _f(0.15, "std of multiplicative (speckle-like) noise on SAR")
     sar_gamma: Fraction = _f(0.2, "random gamma in [1-g, 1+g] on SAR")

@@ -16,13 +16,14 @@ from rich.console import Console
 from torch.utils.data import DataLoader
 
 from pipeline.config import load_config
-from pipeline.data.augment import AugmentConfig, Geometry, apply_geometry, build_augmenter
+from pipeline.data.augment import AugmentSpec, BatchAugmenter, build_augmenter, sample_seeds
 from pipeline.data.datasets import ChipDataset, PairedChipDataset, stratified_split
 from pipeline.data.layout import discover_layout
 from pipeline.data.pack import pack_dataset
 from pipeline.data.samplers import make_sampler
 from pipeline.errors import UserError
 
+SEEDS_16 = sample_seeds(0, 0, range(16))
 GEOMETRY_ONLY = {"hflip": True, "vflip": True, "rot90": True, "shift": 0.1, "scale": 0.1, "rotate": 20.0}
 
 
@@ -63,13 +64,23 @@ def test_paired_chips_share_geometry_across_sizes() -> None:
     assert np.median(mismatched) > 5 * max(matched)
 
 
-def test_apply_geometry_on_odd_sizes() -> None:
+def test_geometry_on_odd_sizes() -> None:
+    """Flips and quarter turns move pixels exactly (a dihedral copy), shift/zoom/rotation resample; sizes stay."""
     image = _pattern(33)
-    assert np.array_equal(apply_geometry(image, Geometry()), image)
-    turned = apply_geometry(image, Geometry(quarter_turns=1, hflip=True))
-    np.testing.assert_array_equal(turned, np.rot90(image[:, ::-1]))
-    moved = apply_geometry(image, Geometry(shift_x=0.1, scale=1.1, angle=7.0))
-    assert moved.shape == (33, 33) and moved.dtype == np.uint8 and not np.array_equal(moved, image)
+    chips = {"image": torch.from_numpy(np.stack([image] * 16)).unsqueeze(1).float() / 255}
+    same = BatchAugmenter(AugmentSpec())(chips, {"image": "sar"}, {"image": None}, SEEDS_16)["image"]
+    torch.testing.assert_close(same, chips["image"])
+    turned = BatchAugmenter(AugmentSpec(hflip=True, rot90=True))(chips, {"image": "sar"}, {"image": None}, SEEDS_16)
+    dihedral = [np.rot90(flipped, k) for flipped in (image, image[:, ::-1]) for k in range(4)]
+    seen = set()
+    for chip in turned["image"][:, 0].numpy():
+        errors = [np.abs(np.rint(chip * 255) - d).max() for d in dihedral]
+        assert min(errors) == 0
+        seen.add(int(np.argmin(errors)))
+    assert len(seen) >= 5
+    affine = BatchAugmenter(AugmentSpec(shift=0.1, scale=0.1, rotate=7.0))
+    moved = affine(chips, {"image": "sar"}, {"image": None}, SEEDS_16)
+    assert moved["image"].shape == (16, 1, 33, 33) and not torch.equal(moved["image"], chips["image"])
 
 
 def test_photometry_per_modality() -> None:
@@ -150,7 +161,7 @@ def test_memmap_datasets_pickle_as_file_references(tmp_path: Path) -> None:
 def test_augment_config_validation() -> None:
     assert build_augmenter(None) is None and build_augmenter({}) is None
     section = load_config("quick").augment.model_dump()
-    assert dataclasses.asdict(AugmentConfig.from_dict(section)) == {**dataclasses.asdict(AugmentConfig()), **section}
+    assert dataclasses.asdict(AugmentSpec.from_config(section)) == {**dataclasses.asdict(AugmentSpec()), **section}
     with pytest.raises(UserError, match="augment.mixup"):
         build_augmenter({"mixup": 0.2})
     with pytest.raises(UserError, match="augment.shift must be a number"):

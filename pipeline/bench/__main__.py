@@ -1,11 +1,11 @@
-"""`python -m pipeline.bench data|train|infer|kmeans|models [flags]`: run one benchmark."""
+"""`python -m pipeline.bench data|train|infer|kmeans|models|augment [flags]`: run one benchmark."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-BENCHMARKS = ("data", "train", "infer", "kmeans", "models")
+BENCHMARKS = ("data", "train", "infer", "kmeans", "models", "augment")
 
 
 def main() -> None:

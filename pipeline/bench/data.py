@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.config import load_config
 from pipeline.data import synth
-from pipeline.data.augment import Augmenter, build_augmenter
+from pipeline.data.augment import BatchAugmenter, build_augmenter
 from pipeline.data.datasets import Norm, PairedChipDataset
 from pipeline.data.geometry import resolve_geometry
 from pipeline.data.layout import discover_layout
@@ -48,7 +48,7 @@ class PngPairedDataset(PairedChipDataset):
         interpolation: str,
         eo_norm: Norm,
         sar_norm: Norm,
-        augment: Augmenter | None = None,
+        augment: BatchAugmenter | None = None,
         seed: int = 0,
     ) -> None:
         # The parent class reads packed arrays; this variant decodes files instead, so it hands the
@@ -99,7 +99,7 @@ def _peak_rss_mib() -> tuple[float, float]:
 
 
 def _datasets(
-    packed: PackedData, eo_size: int, sar_size: int, interpolation: str, augment: Augmenter | None
+    packed: PackedData, eo_size: int, sar_size: int, interpolation: str, augment: BatchAugmenter | None
 ) -> tuple[PairedChipDataset, PngPairedDataset]:
     index = packed.train_index[packed.train_index["sar_row"] >= 0]
     labels = index["class_id"].to_numpy()

@@ -1,22 +1,24 @@
 """Torch datasets over packed uint8 chips: one modality, or EO/SAR pairs with shared geometry.
 
-A dataset is indexed by a draw key (see pipeline.data.samplers): it reads item `key % len(self)` and
-seeds that draw's augmentation with np.random.default_rng((seed, epoch, key)), so augmentation is
-reproducible and the same whatever the number of DataLoader workers. Plain indices 0..len-1 are keys
-too. Memory-mapped arrays travel to spawned workers as file references, not copies.
+A dataset is indexed by a draw key (see pipeline.data.samplers): it reads item `key % len(self)`. A
+DataLoader fetches a whole batch of keys through `__getitems__`, which augments the batch at once with
+pipeline.data.augment.BatchAugmenter (the same code as the device-resident path); each item's draws
+are seeded by (seed, epoch, its key), so augmentation is reproducible and the same whatever the batch,
+the number of workers or of DDP ranks. `dataset[key]` is a batch of one. Plain indices 0..len-1 are keys too. Memory-mapped arrays travel to
+spawned workers as file references, not copies.
 """
 
 from __future__ import annotations
 
 import mmap
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.data.augment import Augmenter
+from pipeline.data.augment import BatchAugmenter, sample_seeds
 from pipeline.errors import UserError
 
 Norm = tuple[float, float] | Mapping[str, float]
@@ -49,15 +51,21 @@ def _picklable(array: np.ndarray) -> Any:
 
 
 class _EpochSeeded(Dataset):
-    """Epoch-aware per-draw random generators and memmap-friendly pickling."""
+    """Epoch-aware, batch-augmented datasets with memmap-friendly pickling.
+
+    Subclasses say which uint8 chips a batch of items has (`_chips`) and how a batch becomes items
+    (`_items`); augmentation and normalisation happen here, once per batch."""
 
     _array_fields: tuple[str, ...] = ()
 
-    def __init__(self, labels: np.ndarray, augment: Augmenter | None, seed: int) -> None:
+    def __init__(self, labels: np.ndarray, augment: BatchAugmenter | None, seed: int) -> None:
         self.labels = np.asarray(labels, dtype=np.int64)
         self.augment = augment
         self.seed = seed
         self.epoch = 0
+        self.norm: dict[str, tuple[np.float32, np.float32]] = {}  # batch key -> (mean, std)
+        self.modality: dict[str, str] = {}  # batch key -> "eo" | "sar"
+        self.window: dict[str, int | None] = {}  # batch key -> training window side (None: whole chip)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -65,8 +73,31 @@ class _EpochSeeded(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def _rng(self, key: int) -> np.random.Generator:
-        return np.random.default_rng((self.seed, self.epoch, key))
+    def __getitem__(self, key: int) -> dict[str, Any]:
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: Sequence[int]) -> list[dict[str, Any]]:
+        """The items of a batch of draw keys (DataLoader calls this with a whole batch), augmented together."""
+        keys = np.asarray(keys, dtype=np.int64)
+        items = keys % len(self)
+        chips, present = self._chips(items)
+        batch = {key: torch.from_numpy(array).unsqueeze(1).float().mul_(1 / 255) for key, array in chips.items()}
+        if self.augment is not None:
+            batch = self.augment(batch, self.modality, self.window, sample_seeds(self.seed, self.epoch, keys))
+        for key, (mean, std) in self.norm.items():
+            batch[key] = (batch[key] - mean) / std
+            if key in present:
+                batch[key] *= torch.from_numpy(present[key]).view(-1, 1, 1, 1)
+        return self._items(batch, items, present)
+
+    def _chips(self, items: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """uint8 chips (n, H, W) per batch key, and a presence mask for keys that may lack a chip."""
+        raise NotImplementedError
+
+    def _items(
+        self, batch: dict[str, torch.Tensor], items: np.ndarray, present: dict[str, np.ndarray]
+    ) -> list[dict[str, Any]]:
+        raise NotImplementedError
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -79,13 +110,6 @@ class _EpochSeeded(Dataset):
             if isinstance(state[name], _MemmapFile):
                 state[name] = state[name].open()
         self.__dict__.update(state)
-
-
-def _normalised(image: np.ndarray, mean: np.float32, std: np.float32) -> torch.Tensor:
-    """(1, H, W) float32 tensor of (image - mean) / std; uint8 input is scaled to [0, 1] first."""
-    if image.dtype == np.uint8:
-        image = image.astype(np.float32) * np.float32(1 / 255)
-    return torch.from_numpy(((image - mean) / std)[None])
 
 
 def _check_rows(name: str, rows: np.ndarray, images: np.ndarray, allow_missing: bool) -> np.ndarray:
@@ -107,33 +131,32 @@ class ChipDataset(_EpochSeeded):
         rows: np.ndarray,
         labels: np.ndarray,
         norm: Norm,
-        augment: Augmenter | None = None,
+        augment: BatchAugmenter | None = None,
         seed: int = 0,
         modality: str = "sar",
         window: int | None = None,
     ) -> None:
         super().__init__(labels, augment, seed)
-        self.window = window  # side of the random training window (None: the whole chip)
         if modality not in ("eo", "sar"):
             raise ValueError(f"modality must be 'eo' or 'sar', got {modality!r}")
         self.images = images
         self.rows = _check_rows("image", rows, images, allow_missing=False)
         if len(self.rows) != len(self.labels):
             raise ValueError(f"{len(self.rows)} rows but {len(self.labels)} labels")
-        self.mean, self.std = _mean_std(norm)
-        self.modality = modality
+        self.norm["image"] = _mean_std(norm)
+        self.modality["image"] = modality
+        self.window["image"] = window  # side of the random training window (None: the whole chip)
 
-    def __getitem__(self, key: int) -> dict[str, Any]:
-        index = key % len(self)
-        chip = np.asarray(self.images[self.rows[index]])
-        if self.augment is not None:
-            rng = self._rng(key)
-            chip = self.augment(chip, self.augment.sample_geometry(rng), rng, self.modality, self.window)
-        return {
-            "image": _normalised(chip, self.mean, self.std),
-            "label": torch.tensor(self.labels[index]),
-            "index": index,
-        }
+    def _chips(self, items: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        return {"image": np.asarray(self.images[self.rows[items]])}, {}
+
+    def _items(
+        self, batch: dict[str, torch.Tensor], items: np.ndarray, present: dict[str, np.ndarray]
+    ) -> list[dict[str, Any]]:
+        return [
+            {"image": image, "label": torch.tensor(self.labels[item]), "index": int(item)}
+            for image, item in zip(batch["image"], items)
+        ]
 
 
 class PairedChipDataset(_EpochSeeded):
@@ -153,21 +176,20 @@ class PairedChipDataset(_EpochSeeded):
         labels: np.ndarray,
         eo_norm: Norm,
         sar_norm: Norm,
-        augment: Augmenter | None = None,
+        augment: BatchAugmenter | None = None,
         seed: int = 0,
         windows: tuple[int | None, int | None] = (None, None),
     ) -> None:
         super().__init__(labels, augment, seed)
         self.eo_images, self.sar_images = eo_images, sar_images
-        self.eo_window, self.sar_window = windows  # random training windows (None: whole chips)
         self.eo_rows = _check_rows("EO", eo_rows, eo_images, allow_missing=True)
         self.sar_rows = _check_rows("SAR", sar_rows, sar_images, allow_missing=False)
         if not len(self.eo_rows) == len(self.sar_rows) == len(self.labels):
             raise ValueError(f"{len(self.eo_rows)} EO rows, {len(self.sar_rows)} SAR rows, {len(self.labels)} labels")
-        self.eo_mean, self.eo_std = _mean_std(eo_norm)
-        self.sar_mean, self.sar_std = _mean_std(sar_norm)
-        eo_shape = eo_images.shape[1:] if augment is None or self.eo_window is None else (self.eo_window,) * 2
-        self._eo_zeros = torch.zeros((1, *eo_shape), dtype=torch.float32)
+        self.norm.update(eo=_mean_std(eo_norm), sar=_mean_std(sar_norm))
+        self.modality.update(eo="eo", sar="sar")
+        self.window.update(eo=windows[0], sar=windows[1])  # random training windows (None: whole chips)
+        self._eo_shape = eo_images.shape[1:]
 
     def _load_pair(self, index: int) -> tuple[np.ndarray | None, np.ndarray]:
         """The uint8 (EO or None, SAR) chips of one item."""
@@ -175,22 +197,21 @@ class PairedChipDataset(_EpochSeeded):
         eo = np.asarray(self.eo_images[eo_row]) if eo_row >= 0 else None
         return eo, np.asarray(self.sar_images[self.sar_rows[index]])
 
-    def __getitem__(self, key: int) -> dict[str, Any]:
-        index = key % len(self)
-        eo, sar = self._load_pair(index)
-        if self.augment is not None:
-            rng = self._rng(key)
-            geometry = self.augment.sample_geometry(rng)
-            sar = self.augment(sar, geometry, rng, "sar", self.sar_window)
-            if eo is not None:
-                eo = self.augment(eo, geometry, rng, "eo", self.eo_window)
-        return {
-            "eo": self._eo_zeros.clone() if eo is None else _normalised(eo, self.eo_mean, self.eo_std),
-            "sar": _normalised(sar, self.sar_mean, self.sar_std),
-            "has_eo": torch.tensor(eo is not None),
-            "label": torch.tensor(self.labels[index]),
-            "index": index,
-        }
+    def _chips(self, items: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        pairs = [self._load_pair(int(item)) for item in items]
+        has_eo = np.array([eo is not None for eo, _ in pairs], dtype=bool)
+        blank = np.zeros(self._eo_shape, np.uint8)
+        eo = np.stack([blank if chip is None else chip for chip, _ in pairs])
+        return {"eo": eo, "sar": np.stack([sar for _, sar in pairs])}, {"eo": has_eo}
+
+    def _items(
+        self, batch: dict[str, torch.Tensor], items: np.ndarray, present: dict[str, np.ndarray]
+    ) -> list[dict[str, Any]]:
+        return [
+            {"eo": eo, "sar": sar, "has_eo": torch.tensor(bool(has_eo)), "label": torch.tensor(self.labels[item]),
+             "index": int(item)}
+            for eo, sar, has_eo, item in zip(batch["eo"], batch["sar"], present["eo"], items)
+        ]
 
 
 def stratified_split(

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline import distributed
 from pipeline.config import Config, TrainConfig
-from pipeline.data.augment import AugmentConfig, build_augmenter
+from pipeline.data.augment import AugmentSpec, BatchAugmenter
 from pipeline.data.datasets import ChipDataset, PairedChipDataset, stratified_split
 from pipeline.data.geometry import ChipGeometry
 from pipeline.data.pack import PackedData
@@ -81,8 +81,12 @@ class StageData:
     def class_counts(self, rows: np.ndarray, num_classes: int) -> np.ndarray:
         return np.bincount(self.labels[rows], minlength=num_classes)
 
-    def _augmenter(self, augment: bool):  # type: ignore[no-untyped-def]
-        return build_augmenter(self.cfg.augment.model_dump()) if augment else None
+    def augmenter(self) -> BatchAugmenter:
+        """The one augmentation of both paths, from the (validated) augment section."""
+        return BatchAugmenter(AugmentSpec(**self.cfg.augment.model_dump()))
+
+    def _augmenter(self, augment: bool) -> BatchAugmenter | None:
+        return self.augmenter() if augment else None
 
     def chip_dataset(self, modality: str, rows: np.ndarray, augment: bool) -> ChipDataset:
         """Single-modality chips of training `rows` (positions in train_index), augmented or not."""
@@ -136,8 +140,7 @@ class StageData:
             key = modality if kind == "paired" else "image"
             arrays[key] = (images, index[f"{modality}_row"].to_numpy(), self.norm(modality), modality,
                            self.geometry[modality].window)
-        augment = AugmentConfig.from_dict(self.cfg.augment.model_dump())
-        return ResidentBatches(arrays, index["class_id"].to_numpy(), sampler, train_cfg.batch_size, self.device, augment, self.seed)
+        return ResidentBatches(arrays, index["class_id"].to_numpy(), sampler, train_cfg.batch_size, self.device, self.augmenter(), self.seed)
 
     def loader(self, dataset: Dataset, batch_size: int, sampler: Sampler | None = None, train: bool = True) -> DataLoader:
         """A DataLoader with the config's workers, pinned memory on CUDA, whole batches when training."""
