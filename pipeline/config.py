@@ -33,7 +33,8 @@ Positive = Annotated[float, Field(gt=0.0)]
 Auto = Literal["auto"]
 
 VIEWS = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "transverse")
-OOD_METHODS = ("energy", "msp", "maxlogit", "knn", "mahalanobis", "vim")
+OOD_METHODS = ("energy", "msp", "maxlogit", "knn", "mahalanobis", "vim", "hypersphere")
+ANOMALY_KINDS = ("cutpaste", "shuffle", "mix")  # pipeline/ood/anomalies.py
 
 
 class Section(BaseModel):
@@ -99,6 +100,9 @@ class LossConfig(Section):
     )
     beta: Fraction = _f(0.999, "effective-number beta (Cui et al.)")
     label_smoothing: Fraction = _f(0.0, "label smoothing of the target")
+    logit_norm: Union[Positive, None] = _f(
+        None, "LogitNorm (Wei et al. 2022): the loss reads logits / (tau * ||logits||); tau here (paper: 0.04), null = off"
+    )
 
 
 class SamplerConfig(Section):
@@ -130,9 +134,18 @@ class DistillConfig(Section):
     feature_loss: Literal["cosine", "mse"] = _f("cosine", "cosine | mse")
 
 
+class OutlierExposureConfig(Section):
+    weight: NonNegative = _f(0.0, "weight of KL(uniform || softmax) on virtual anomalies of the batch; 0 = off")
+    per_batch: Annotated[float, Field(gt=0.0, le=1.0)] = _f(0.5, "anomalies made per step, as a fraction of the batch")
+    kinds: Annotated[list[Literal[ANOMALY_KINDS]], Field(min_length=1)] = _f(  # type: ignore[valid-type]
+        list(ANOMALY_KINDS), "virtual anomalies (pipeline/ood/anomalies.py): cutpaste | shuffle | mix"
+    )
+
+
 class DistillStageConfig(TrainConfig):
     epochs: PositiveInt = _f(24, "training epochs")
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    outlier_exposure: OutlierExposureConfig = Field(default_factory=OutlierExposureConfig)
 
 
 class FinetuneStageConfig(TrainConfig):
@@ -170,7 +183,7 @@ class OODConfig(Section):
     method: Literal[OOD_METHODS + ("auto",)] = _f(  # type: ignore[valid-type]
         "mahalanobis",
         "energy | msp | maxlogit (logits, no fitting) | knn | mahalanobis | vim (fitted on the training split's "
-        "embeddings) | auto (weights/ood_choice.json from stages.select_ood); chosen on MSTAR validation. "
+        "embeddings) | hypersphere (also on virtual anomalies of them) | auto (weights/ood_choice.json from stages.select_ood); chosen on MSTAR validation. "
         "Higher = more in-distribution",
     )
     temperature: Positive = _f(1.0, "energy and msp: T in T*logsumexp(logits/T) and softmax(logits/T)")
@@ -178,6 +191,17 @@ class OODConfig(Section):
     knn_max_per_class: Union[PositiveInt, None] = _f(None, "knn: training embeddings kept per class (seeded); null = all")
     mahalanobis_shrinkage: Union[Annotated[float, Field(ge=0.0, le=1.0)], Auto] = _f("auto", "covariance shrinkage, or auto (Ledoit-Wolf)")
     vim_dim: Union[PositiveInt, Auto] = _f("auto", "vim: principal-subspace dimension, or auto")
+    hypersphere_dim: PositiveInt = _f(32, "hypersphere: output width of the 2-layer projection (no biases) on the embedding")
+    hypersphere_hidden: PositiveInt = _f(128, "hypersphere: hidden width of the projection")
+    hypersphere_margin: Positive = _f(1.0, "hypersphere: virtual anomalies are pushed beyond this distance from the centre")
+    hypersphere_steps: PositiveInt = _f(300, "hypersphere: Adam steps (256 training + 256 anomaly embeddings each, CPU)")
+    hypersphere_lr: Positive = _f(0.003, "hypersphere: Adam learning rate")
+    anomalies_per_chip: Annotated[float, Field(gt=0.0, le=8.0)] = _f(
+        1.0, "hypersphere: virtual anomalies made per training chip (embedded with the same TTA)"
+    )
+    anomaly_kinds: Annotated[list[Literal[ANOMALY_KINDS]], Field(min_length=1)] = _f(  # type: ignore[valid-type]
+        list(ANOMALY_KINDS), "hypersphere: virtual anomalies: cutpaste (part of a chip of another class) | shuffle (tile grid permuted) | mix (two classes blended)"
+    )
 
 
 class InferConfig(Section):

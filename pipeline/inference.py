@@ -19,6 +19,7 @@ from pipeline import distributed
 from pipeline.cluster import VotingResult, check_voting_settings, cluster_vote, no_vote
 from pipeline.config import InferConfig
 from pipeline.ood import OODDetector, ood_score
+from pipeline.ood.anomalies import KINDS, AnomalyDataset, anomaly_count
 from pipeline.ood.fit import head_of
 from pipeline.tta import predict_tta
 
@@ -59,16 +60,27 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def anomaly_dataset(detector: OODDetector, dataset: Any, labels: np.ndarray, seed: int = 0) -> AnomalyDataset:
+    """The virtual anomalies `detector` is fitted against, made from the chips of `dataset` (its
+    `anomalies_per_chip` and `anomaly_kinds`, seeded)."""
+    count = anomaly_count(len(labels), getattr(detector, "anomalies_per_chip", 1.0))
+    return AnomalyDataset(dataset, np.asarray(labels), count, seed=seed, kinds=getattr(detector, "anomaly_kinds", KINDS))
+
+
 def fit_on_split(
     detector: OODDetector, model: torch.nn.Module, dataset: Any, labels: np.ndarray, infer_cfg: InferConfig,
-    device: torch.device,
+    device: torch.device, seed: int = 0,
 ) -> OODDetector:
     """Fit `detector` on the TTA-averaged logits/embeddings of `dataset` (the training split) under the
-    infer section's `tta` and `batch_size`; a detector that needs no fitting returns untouched."""
+    infer section's `tta` and `batch_size`; a detector that needs no fitting returns untouched. One
+    that `needs_anomalies` also gets the embeddings of virtual anomalies of the same chips (same TTA)."""
     if not detector.needs_fit:
         return detector
     _, logits, embeddings = predict(model, dataset, infer_cfg, device)
-    return detector.fit(logits, embeddings, np.asarray(labels, dtype=np.int64), head=head_of(model))
+    anomalies = None
+    if detector.needs_anomalies:
+        _, _, anomalies = predict(model, anomaly_dataset(detector, dataset, labels, seed), infer_cfg, device)
+    return detector.fit(logits, embeddings, np.asarray(labels, dtype=np.int64), head=head_of(model), anomalies=anomalies)
 
 
 @dataclass
@@ -103,7 +115,8 @@ def run_inference(
     fit_data: Callable[[], tuple[Any, np.ndarray]] | None = None,
 ) -> InferenceResult:
     """TTA forward over `test`, cluster voting when enabled, and the OOD score of `detector`, fitted
-    first (when it needs it) on `fit_data()` = (training dataset, its labels) with the same TTA."""
+    first (when it needs it) on `fit_data()` = (training dataset, its labels) with the same TTA (and, for
+    a detector that needs them, on virtual anomalies of those chips seeded with `seed`)."""
     start = time.perf_counter()
     class_scores, logits, embeddings = predict(model, test, cfg, device)
     predict_seconds = time.perf_counter() - start
@@ -119,7 +132,7 @@ def run_inference(
         if fit_data is None:
             raise ValueError(f"the {detector.name} detector needs training data to fit on")
         dataset, labels = fit_data()
-        fit_on_split(detector, model, dataset, labels, cfg, device)
+        fit_on_split(detector, model, dataset, labels, cfg, device, seed=seed)
         fitted_on = len(labels)
     fit_seconds = time.perf_counter() - fit_start
     return InferenceResult(

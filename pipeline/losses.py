@@ -1,4 +1,5 @@
-"""Losses: focal / cross-entropy with per-class alpha, knowledge distillation, feature alignment.
+"""Losses: focal / cross-entropy with per-class alpha, knowledge distillation, feature alignment;
+LogitNorm and outlier exposure with virtual anomalies (OOD-minded training options).
 
 Conventions chosen here:
 - `FocalLoss` reduces by the plain mean of per-sample terms `alpha_y (1-p_y)^gamma CE_i`, where
@@ -15,15 +16,18 @@ Conventions chosen here:
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.config import DistillConfig, LossConfig
+from pipeline.config import ANOMALY_KINDS, DistillConfig, LossConfig, OutlierExposureConfig
 from pipeline.errors import UserError
+from pipeline.ood.anomalies import batch_anomalies
+from pipeline.ood.anomalies import check_kinds as check_anomaly_kinds
 
 ALPHA_KINDS = ("none", "inverse_freq", "effective_number")
 FEATURE_LOSSES = ("cosine", "mse")
@@ -99,11 +103,76 @@ def class_alpha(
     return torch.tensor(alpha, dtype=torch.float32)
 
 
-def build_classification_loss(loss_cfg: LossConfig, class_counts: np.ndarray) -> FocalLoss:
-    """The supervised loss of a stage's `loss` section: focal, or ce (= focal with gamma 0)."""
+def build_classification_loss(loss_cfg: LossConfig, class_counts: np.ndarray) -> nn.Module:
+    """The supervised loss of a stage's `loss` section: focal, or ce (= focal with gamma 0); wrapped in
+    LogitNorm when `loss.logit_norm` is set."""
     alpha = class_alpha(loss_cfg.alpha, class_counts, loss_cfg.beta)
     gamma = loss_cfg.gamma if loss_cfg.kind == "focal" else 0.0
-    return FocalLoss(gamma=gamma, alpha=alpha, label_smoothing=loss_cfg.label_smoothing)
+    loss = FocalLoss(gamma=gamma, alpha=alpha, label_smoothing=loss_cfg.label_smoothing)
+    return loss if loss_cfg.logit_norm is None else LogitNormLoss(loss, loss_cfg.logit_norm)
+
+
+class LogitNormLoss(nn.Module):
+    """LogitNorm (Wei et al., ICML 2022): `inner(logits / (tau * ||logits||), target)`, so the loss
+    cannot be lowered by growing the logit norm, which keeps unseen chips from confident logits."""
+
+    def __init__(self, inner: nn.Module, tau: float) -> None:
+        super().__init__()
+        if not tau > 0:
+            raise UserError(f"loss.logit_norm={tau!r} is invalid: a positive temperature such as 0.04, or null")
+        self.inner = inner
+        self.tau = float(tau)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        logits = logits.float()
+        norms = logits.norm(p=2, dim=1, keepdim=True).clamp_min(1e-7)
+        return self.inner(logits / (self.tau * norms), target)
+
+
+def uniform_kl(logits: Tensor) -> Tensor:
+    """Mean over rows of KL(uniform || softmax(logits)) = cross-entropy to the uniform distribution
+    minus log C: the outlier-exposure loss of Hendrycks et al. (2019) shifted to be 0 at uniform."""
+    log_probs = F.log_softmax(logits.float(), dim=1)
+    return (-log_probs.mean(dim=1) - math.log(logits.shape[1])).mean()
+
+
+class OutlierExposure:
+    """Outlier exposure with virtual anomalies made on the fly from each training batch
+    (`distill_sar.outlier_exposure`): extra loss = weight * KL(uniform || softmax(anomaly logits))."""
+
+    def __init__(self, weight: float, per_batch: float = 0.5, kinds: Sequence[str] = ANOMALY_KINDS, seed: int = 0) -> None:
+        if not weight > 0 or not 0 < per_batch <= 1:
+            raise UserError(f"outlier_exposure needs weight > 0 and 0 < per_batch <= 1, got {weight}, {per_batch}")
+        self.weight, self.per_batch = float(weight), float(per_batch)
+        self.kinds = check_anomaly_kinds(kinds, "distill_sar.outlier_exposure.kinds")
+        self.rng = np.random.default_rng(seed)
+
+    @classmethod
+    def from_config(cls, oe_cfg: OutlierExposureConfig, seed: int = 0) -> "OutlierExposure | None":
+        """The option of the config section, or None when its weight is 0 (off)."""
+        return None if oe_cfg.weight == 0 else cls(oe_cfg.weight, oe_cfg.per_batch, oe_cfg.kinds, seed)
+
+    def anomalies(self, images: Tensor, labels: Tensor) -> Tensor:
+        count = max(1, int(round(self.per_batch * len(images))))
+        return batch_anomalies(images, labels, count, self.rng, self.kinds)
+
+    def loss(self, anomaly_logits: Tensor) -> Tensor:
+        return self.weight * uniform_kl(anomaly_logits)
+
+
+def forward_with_outliers(
+    forward: Callable[[Tensor], Any], images: Tensor, labels: Tensor, exposure: OutlierExposure | None
+) -> tuple[Any, Tensor | None]:
+    """(`forward(images)`, None) without outlier exposure; with it, one forward of the batch followed by
+    its virtual anomalies (one batch, so batch-norm sees both), split back: (outputs of the batch's
+    own chips, the weighted outlier-exposure loss). `forward` returns logits or (logits, ...)."""
+    if exposure is None:
+        return forward(images), None
+    n = len(images)
+    out = forward(torch.cat([images, exposure.anomalies(images, labels).to(images.dtype)]))
+    if isinstance(out, tuple):
+        return tuple(o[:n] for o in out), exposure.loss(out[0][n:])
+    return out[:n], exposure.loss(out[n:])
 
 
 def _masked_mean(per_row: Tensor, mask: Tensor | None) -> Tensor:

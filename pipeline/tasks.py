@@ -12,17 +12,20 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
-from pipeline.losses import DistillationLoss
+from pipeline.losses import DistillationLoss, OutlierExposure, forward_with_outliers
 from pipeline.models import ChipClassifier
 
 
 class ClassifierTask:
     """Supervised training of `model` on batches {"image", "label"} (or {key, "label"})."""
 
-    def __init__(self, model: ChipClassifier, loss: nn.Module, image_key: str = "image") -> None:
+    def __init__(
+        self, model: ChipClassifier, loss: nn.Module, image_key: str = "image", outlier_exposure: OutlierExposure | None = None
+    ) -> None:
         self.model = model
         self.loss_fn = loss
         self.image_key = image_key
+        self.outlier_exposure = outlier_exposure
 
     @property
     def module(self) -> nn.Module:
@@ -36,8 +39,11 @@ class ClassifierTask:
         self.model.train()
 
     def loss(self, batch: dict[str, Tensor], module: nn.Module | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        logits = (module or self.model)(batch[self.image_key])
-        return self.loss_fn(logits, batch["label"]), {}
+        logits, oe = forward_with_outliers(module or self.model, batch[self.image_key], batch["label"], self.outlier_exposure)
+        loss = self.loss_fn(logits, batch["label"])
+        if oe is None:
+            return loss, {}
+        return loss + oe, {"oe": oe.detach()}
 
     def logits(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         return self.model(batch[self.image_key]), batch["label"]
@@ -65,7 +71,11 @@ class _StudentWithProjection(nn.Module):
 class DistillTask:
     """SAR student learns labels + the frozen EO teacher's softened distribution and features."""
 
-    def __init__(self, student: ChipClassifier, teacher: ChipClassifier, criterion: DistillationLoss) -> None:
+    def __init__(
+        self, student: ChipClassifier, teacher: ChipClassifier, criterion: DistillationLoss,
+        outlier_exposure: OutlierExposure | None = None,
+    ) -> None:
+        self.outlier_exposure = outlier_exposure
         self.student = student
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
@@ -85,11 +95,14 @@ class DistillTask:
         self.teacher.eval()
 
     def loss(self, batch: dict[str, Tensor], module: nn.Module | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        logits, emb = (module or self.wrapper)(batch["sar"])
+        (logits, emb), oe = forward_with_outliers(module or self.wrapper, batch["sar"], batch["label"], self.outlier_exposure)
         with torch.no_grad():
             t_emb = self.teacher.embed(batch["eo"])
             t_logits = self.teacher.head(t_emb)
-        return self.wrapper.criterion(logits, emb, t_logits, t_emb, batch["label"], batch["has_eo"])
+        total, parts = self.wrapper.criterion(logits, emb, t_logits, t_emb, batch["label"], batch["has_eo"])
+        if oe is not None:
+            total, parts = total + oe, {**parts, "oe": oe.detach()}
+        return total, parts
 
     def logits(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         return self.student(batch["sar"]), batch["label"]

@@ -3,7 +3,8 @@
 Loss = supervised focal/CE on SAR labels + kd_weight * T^2 * KL(teacher_T || student_T) + feature_weight
 * alignment of the student's projected embedding to the teacher's. Both chips of a pair get the same
 geometric augmentation. Writes weights/sar_student.* with the teacher's sha256 in its manifest.
-On a SAR-only dataset the student trains on labels alone.
+On a SAR-only dataset the student trains on labels alone. Options: LogitNorm (distill_sar.loss.logit_norm)
+and outlier exposure with virtual anomalies of each batch (distill_sar.outlier_exposure.weight > 0).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from pipeline import distributed
 from pipeline.errors import exit_on_user_error
-from pipeline.losses import DistillationLoss, build_classification_loss
+from pipeline.losses import DistillationLoss, OutlierExposure, build_classification_loss
 from pipeline.models import model_spec
 from pipeline.stage import (
     build_parser, check_parent_split, fit_stage, holds_weights_lock, load_model, new_model, parent_digest, prepare_stage,
@@ -41,18 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     split_sha = save_split(ctx, "sar_student")
     student = new_model(ctx, "sar")
     supervised = build_classification_loss(cfg.loss, ctx.class_counts(train_rows))
+    exposure = OutlierExposure.from_config(cfg.outlier_exposure, seed=ctx.seed + distributed.rank())
 
     if with_teacher:
         before = {k: v.clone() for k, v in teacher.state_dict().items()}
         criterion = DistillationLoss(supervised, cfg.distill, student_dim=student.embed_dim, teacher_dim=teacher.embed_dim)
-        task = DistillTask(student, teacher, criterion)
+        task = DistillTask(student, teacher, criterion, outlier_exposure=exposure)
         train_loader = data.train_batches(train_rows, "paired", cfg)
         val_ds = data.paired_dataset(val_rows, augment=False)
         d = cfg.distill
         ctx.console.print(f"{STAGE}: distilling {TEACHER} into a SAR student (T={d.temperature}, kd_weight={d.kd_weight}, feature_weight={d.feature_weight})")
     else:
         ctx.console.print(f"{STAGE}: SAR-only dataset: no teacher; training the SAR model on labels alone")
-        task = ClassifierTask(student, supervised)
+        task = ClassifierTask(student, supervised, outlier_exposure=exposure)
         train_loader = data.train_batches(train_rows, "sar", cfg)
         val_ds = data.chip_dataset("sar", val_rows, augment=False)
 

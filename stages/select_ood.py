@@ -1,7 +1,8 @@
 """Choose the OOD detector on validation data, one training class left out at a time.
 
 Embeds the training and validation splits of weights/sar_final with the infer stage's TTA (cached in
-weights/ood_embeddings.npz), then for each class c refits every candidate detector (and, for the ones
+weights/ood_embeddings.npz, with virtual anomalies of the training chips when a candidate such as
+hypersphere needs them), then for each class c refits every candidate detector (and, for the ones
 that read logits, a logistic-regression head) without c and measures the AUROC of c's validation
 chips against the others. Prints detector x mean AUROC +- standard error over the left-out classes and
 writes the winner to weights/ood_choice.json, which infer uses when infer.ood.method is auto.
@@ -21,7 +22,8 @@ from rich.table import Table
 from pipeline import distributed
 from pipeline.artifacts import atomic_write, code_version
 from pipeline.errors import UserError, exit_on_user_error
-from pipeline.inference import predict
+from pipeline.inference import anomaly_dataset, predict
+from pipeline.ood import make_detector
 from pipeline.ood.fit import write_choice
 from pipeline.ood.select import best, candidates, leave_one_class_out
 from pipeline.stage import build_parser, holds_weights_lock, load_model, parent_digest, prepare_stage
@@ -59,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     train_rows, val_rows = ctx.data.train_val_rows("sar")
     labels = ctx.data.labels
 
+    # virtual anomalies of the training chips, for candidates such as hypersphere (same TTA, cached too)
+    anomaly_detector = next((d for d in (make_detector(c.method, infer_cfg.ood, seed=ctx.seed, **c.params) for c in cands)
+                             if d.needs_anomalies), None)
+
     def embed() -> dict[str, np.ndarray]:
         model = load_model(ctx, PARENT)[0].eval()
         ctx.console.print(f"{STAGE}: embedding {len(train_rows)} training and {len(val_rows)} validation chips with TTA")
@@ -66,16 +72,26 @@ def main(argv: list[str] | None = None) -> int:
         for split, rows in (("train", train_rows), ("val", val_rows)):
             _, _, emb = predict(model, ctx.data.chip_dataset("sar", rows, augment=False), infer_cfg, ctx.device)
             out[f"{split}_emb"], out[f"{split}_labels"] = emb, labels[rows]
+        if anomaly_detector is not None:
+            anomalies = anomaly_dataset(anomaly_detector, ctx.data.chip_dataset("sar", train_rows, augment=False),
+                                        labels[train_rows], seed=ctx.seed)
+            ctx.console.print(f"{STAGE}: embedding {len(anomalies)} virtual anomalies of the training chips with TTA")
+            _, _, out["anomaly_emb"] = predict(model, anomalies, infer_cfg, ctx.device)
+            out["anomaly_source_labels"] = labels[train_rows][anomalies.sources]
         return out
 
     key = {"model_sha256": model_sha, "tta": infer_cfg.tta.model_dump(), "split_sha256": ctx.data.split_digest(),
            "train_fingerprint": ctx.packed.train_fingerprint, "rows": [len(train_rows), len(val_rows)]}
+    if anomaly_detector is not None:
+        key["anomalies"] = {"per_chip": anomaly_detector.anomalies_per_chip, "kinds": anomaly_detector.anomaly_kinds,
+                            "seed": ctx.seed}
     data = cached_outputs(ctx.weights_dir / CACHE_FILE, key, embed)
 
     names = list(ctx.layout.classes.names)
     results = leave_one_class_out(
         data["train_emb"], data["train_labels"], data["val_emb"], data["val_labels"], cands,
         infer_cfg.ood, head_c=cfg.head_c, max_per_class=cfg.max_per_class, seed=ctx.seed,
+        anomaly_emb=data.get("anomaly_emb"), anomaly_source_labels=data.get("anomaly_source_labels"),
     )
     winner = best(results)
     left_out = [names[c] for c in results[0].per_class]

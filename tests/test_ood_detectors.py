@@ -30,10 +30,21 @@ def _logits(emb, head):
     return emb @ head[0].T + head[1]
 
 
+def _anomalies(emb, labels, seed: int = 0):
+    """Embeddings of virtual anomalies for detectors that need them: blends of two classes' chips."""
+    rng = np.random.default_rng(seed)
+    i = rng.integers(0, len(emb), 200)
+    j = np.array([rng.choice(np.flatnonzero(labels != labels[k])) for k in i])
+    lam = rng.uniform(0.35, 0.65, (200, 1))
+    return lam * emb[i] + (1 - lam) * emb[j]
+
+
 @pytest.mark.parametrize("name", sorted(DETECTORS))
 def test_planted_cluster_scores_above_a_far_point(name: str) -> None:
     emb, labels, head, test = _toy()
-    detector = make_detector(name, OODConfig(knn_k=1)).fit(_logits(emb, head), emb, labels, head=head)
+    detector = make_detector(name, OODConfig(knn_k=1, hypersphere_steps=100)).fit(
+        _logits(emb, head), emb, labels, head=head, anomalies=_anomalies(emb, labels)
+    )
     scores = detector.score(logits=_logits(test, head), embeddings=test)
     assert scores.dtype == np.float64 and scores.shape == (len(test),)
     assert scores[:-1].min() > scores[-1]  # higher = more in-distribution; the last row is the far point
@@ -115,8 +126,10 @@ def test_vim_equals_the_reference_computation() -> None:
 @pytest.mark.parametrize("name", sorted(DETECTORS))
 def test_state_round_trips_through_npz(name: str, tmp_path) -> None:
     emb, labels, head, test = _toy(seed=4)
-    cfg = {"knn_k": 2, "temperature": 1.5, "mahalanobis_shrinkage": "auto", "vim_dim": 3}
-    detector = make_detector(name, OODConfig.model_validate(cfg), seed=7).fit(_logits(emb, head), emb, labels, head=head)
+    cfg = {"knn_k": 2, "temperature": 1.5, "mahalanobis_shrinkage": "auto", "vim_dim": 3, "hypersphere_steps": 50}
+    detector = make_detector(name, OODConfig.model_validate(cfg), seed=7).fit(
+        _logits(emb, head), emb, labels, head=head, anomalies=_anomalies(emb, labels)
+    )
     path = save_detector(detector, tmp_path / "ood_detector.npz")
     with np.load(path, allow_pickle=False) as data:  # readable without pickle
         assert "__state__" in data.files
@@ -132,5 +145,5 @@ def test_unfitted_detector_refuses_to_score_and_unknown_names_are_user_errors() 
     emb, labels, head, test = _toy()
     with pytest.raises(RuntimeError, match="fitted"):
         KNNDetector().score(embeddings=test)
-    with pytest.raises(UserError, match="knn, mahalanobis, vim or auto"):
+    with pytest.raises(UserError, match="knn, mahalanobis, vim, hypersphere or auto"):
         make_detector("openmax")

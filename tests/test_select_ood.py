@@ -175,3 +175,30 @@ def test_select_ood_runs_without_test_labels_and_infer_auto_uses_its_choice(trai
         infer.main(_argv(trained, "--submissions", str(subs), "--set", "infer.ood.method=auto"))
     line = _error_line(capsys)
     assert "another sar_final" in line and "stages.select_ood" in line
+
+
+def test_select_ood_and_infer_fit_the_hypersphere_on_virtual_anomalies(trained, capsys):
+    import json
+
+    from pipeline.ood import load_detector
+    from stages import infer, select_ood
+
+    assert not (trained / "data" / "test_truth.csv").exists()
+    fast = ("--set", "infer.ood.hypersphere_steps=30")
+    assert select_ood.main(_argv(trained, "--set", "select_ood.candidates=[energy,hypersphere]", *fast)) == 0
+    out = capsys.readouterr().out
+    assert "virtual anomalies" in out
+    choice = json.loads((trained / "weights" / "ood_choice.json").read_text())
+    assert [row["label"] for row in choice["table"]] == ["energy", "hypersphere"]
+    row = choice["table"][1]
+    assert set(row["per_class"]) == set(choice["left_out"]) and all(0.0 <= a <= 1.0 for a in row["per_class"].values())
+    with np.load(trained / "weights" / "ood_embeddings.npz", allow_pickle=False) as cache:
+        assert len(cache["anomaly_emb"]) == len(cache["train_emb"])  # anomalies_per_chip 1.0
+        assert cache["anomaly_source_labels"].shape == (len(cache["train_emb"]), 2)
+
+    subs = trained / "subs"
+    assert infer.main(_argv(trained, "--submissions", str(subs), "--run", "hyper", "--set", "infer.ood.method=hypersphere", *fast)) == 0
+    summary = json.loads((subs / "hyper" / "summary.json").read_text())
+    assert summary["ood"]["detector"] == "hypersphere" and summary["ood"]["params"]["steps"] == 30
+    detector = load_detector(subs / "hyper" / "ood_detector.npz")
+    assert detector.w1.shape[1] == detector.params()["hidden"]

@@ -2,7 +2,8 @@
 the sign convention is stated: HIGHER score = MORE IN-DISTRIBUTION.
 
 - `DETECTORS`: name -> detector class (energy, msp, maxlogit need no fitting; knn, mahalanobis, vim
-  are fitted on the training split's TTA-averaged embeddings). `make_detector(name, ood_cfg)` builds
+  are fitted on the training split's TTA-averaged embeddings; hypersphere also on the embeddings of
+  virtual anomalies of those chips, `pipeline.ood.anomalies`). `make_detector(name, ood_cfg)` builds
   one from the `infer.ood` config section; `save_detector` / `load_detector` keep a fitted one in a
   single .npz (arrays plus a JSON header, loaded with allow_pickle=False: no code runs on load).
 - `OOD_SCORES` / `ood_score`: the three logit scores as plain functions `score(logits, temperature)`.
@@ -30,6 +31,7 @@ from pipeline.config import OODConfig
 from pipeline.errors import UserError
 from pipeline.ood.base import OODDetector, check_temperature, logits_array
 from pipeline.ood.energy import EnergyDetector, energy_score
+from pipeline.ood.hypersphere import HypersphereDetector
 from pipeline.ood.knn import KNNDetector
 from pipeline.ood.mahalanobis import MahalanobisDetector
 from pipeline.ood.maxlogit import MaxLogitDetector, maxlogit_score
@@ -46,7 +48,8 @@ OOD_SCORES: dict[str, OODScore] = {
 
 DETECTORS: dict[str, type[OODDetector]] = {
     cls.name: cls
-    for cls in (EnergyDetector, MSPDetector, MaxLogitDetector, KNNDetector, MahalanobisDetector, ViMDetector)
+    for cls in (EnergyDetector, MSPDetector, MaxLogitDetector, KNNDetector, MahalanobisDetector, ViMDetector,
+                HypersphereDetector)
 }
 AUTO = "auto"  # infer.ood.method: take the method stages.select_ood chose (weights/ood_choice.json)
 

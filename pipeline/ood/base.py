@@ -81,6 +81,7 @@ class OODDetector(abc.ABC):
     name: ClassVar[str] = ""
     uses: ClassVar[str] = "logits"  # "logits" | "embeddings": the input `score` needs
     needs_fit: ClassVar[bool] = False
+    needs_anomalies: ClassVar[bool] = False  # fit also needs embeddings of virtual anomalies (anomalies=)
     _array_names: ClassVar[tuple[str, ...]] = ()  # the fitted arrays, saved by `state`
 
     def __init__(self) -> None:
@@ -104,10 +105,15 @@ class OODDetector(abc.ABC):
     # --- fitting and scoring ----------------------------------------------------------------------
 
     def fit(
-        self, logits: Any, embeddings: Any, labels: Any, head: tuple[Any, Any] | None = None
+        self, logits: Any, embeddings: Any, labels: Any, head: tuple[Any, Any] | None = None, anomalies: Any = None
     ) -> "OODDetector":
+        """`anomalies`: embeddings (M, D) of virtual anomalies of the same chips (pipeline.ood.anomalies),
+        embedded with the same TTA; read only by detectors that set `needs_anomalies`."""
         if self.needs_fit:
-            self._fit(logits, embeddings, labels, head)
+            if self.needs_anomalies:
+                self._fit(logits, embeddings, labels, head, anomalies=anomalies)
+            else:
+                self._fit(logits, embeddings, labels, head)
             self.fitted = True
         return self
 

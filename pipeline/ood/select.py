@@ -114,9 +114,19 @@ def leave_one_class_out(
     max_per_class: int | None = None,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    anomaly_emb: np.ndarray | None = None,
+    anomaly_source_labels: np.ndarray | None = None,
 ) -> list[CandidateResult]:
-    """AUROC of every candidate with each class (present in training and validation) left out in turn."""
+    """AUROC of every candidate with each class (present in training and validation) left out in turn.
+
+    `anomaly_emb` (M, D): embeddings of virtual anomalies of the training chips, for candidates that
+    need them, with `anomaly_source_labels` (M, 2) the classes of their two source chips: when class c
+    is left out, anomalies made from a chip of c are left out too."""
     train_labels, val_labels = np.asarray(train_labels, np.int64), np.asarray(val_labels, np.int64)
+    needs_anomalies = [make_detector(c.method, ood_cfg, seed=seed, **c.params).needs_anomalies for c in cands]
+    if any(needs_anomalies) and (anomaly_emb is None or anomaly_source_labels is None):
+        names = [c.label for c, n in zip(cands, needs_anomalies) if n]
+        raise ValueError(f"candidates {', '.join(names)} need anomaly_emb and anomaly_source_labels")
     keep = capped_rows(train_labels, max_per_class, seed)
     train_emb, train_labels = np.asarray(train_emb)[keep], train_labels[keep]
     present = np.unique(train_labels)
@@ -134,10 +144,13 @@ def leave_one_class_out(
         tr_logits = train_emb[tr] @ weight.T + bias
         val_logits = val_emb @ weight.T + bias
         is_in = val_labels != c
+        anomalies_without_c = None
+        if anomaly_emb is not None and anomaly_source_labels is not None:
+            anomalies_without_c = np.asarray(anomaly_emb)[(np.asarray(anomaly_source_labels) != c).all(axis=1)]
         for result in results:
             cand = result.candidate
             detector = make_detector(cand.method, ood_cfg, seed=seed, **cand.params)
-            detector.fit(tr_logits, train_emb[tr], train_labels[tr], head=(weight, bias))
+            detector.fit(tr_logits, train_emb[tr], train_labels[tr], head=(weight, bias), anomalies=anomalies_without_c)
             result.per_class[c] = auroc(is_in, detector.score(logits=val_logits, embeddings=val_emb))
         if progress is not None:
             progress(c)
