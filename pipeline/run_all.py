@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from rich.table import Table
 
 from pipeline.artifacts import ArtifactPaths
 from pipeline.cli import DEFAULT_DATA, DEFAULT_SUBMISSIONS, REPO_ROOT, add_run_flags, forward_run_flags
+from pipeline.data.synth import GENERATOR_VERSION
 from pipeline.errors import UserError, exit_on_user_error
 from pipeline.log import make_console, rule
 from pipeline.registry import ARTIFACT_OF_STAGE, PIPELINE, TRAINING_STAGES
@@ -89,18 +91,50 @@ def stage_command(stage: str, args: argparse.Namespace, data: Path, status_file:
     return cmd
 
 
+def synthetic_version(root: Path) -> int | None:
+    """Generator version recorded in a synthetic dataset's synth_info.json (1 before versions were recorded);
+    None when the folder holds no readable synth_info.json written by the generator."""
+    try:
+        info = json.loads((root / "synth_info.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(info, dict) or info.get("generator") != "pipeline.data.synth":
+        return None
+    version = info.get("generator_version", 1)
+    return version if isinstance(version, int) else 1
+
+
+def _generate_default(scale: str) -> None:
+    """Write the default synthetic dataset beside DEFAULT_DATA, then swap it in (the old one is removed last)."""
+    fresh = DEFAULT_DATA.parent / f".{DEFAULT_DATA.name}.new-{os.getpid()}"
+    shutil.rmtree(fresh, ignore_errors=True)
+    rc = subprocess.call([sys.executable, "-m", "pipeline.data.synth", "--out", str(fresh), "--scale", scale, "--seed", "0"])
+    if rc != 0:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise SystemExit(rc)
+    old = DEFAULT_DATA.parent / f".{DEFAULT_DATA.name}.old-{os.getpid()}"
+    if DEFAULT_DATA.is_dir():
+        os.rename(DEFAULT_DATA, old)
+    os.rename(fresh, DEFAULT_DATA)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def ensure_data(args: argparse.Namespace, console: Console) -> Path:
-    """The dataset root: --data as given, or the quick synthetic replica (generated once)."""
-    if args.data != DEFAULT_DATA:
+    """The dataset root: --data as given, or the quick synthetic replica (generated once, and again when the
+    generator has changed since; only this default folder, never a --data folder)."""
+    if args.data is not None:
         if not args.data.is_dir():
             raise UserError(f"--data {args.data}: no such folder (expected an official, NJUST-style or class-folder dataset)")
         return args.data
     if not DEFAULT_DATA.is_dir():
         console.print(f"run_all: no --data given; generating the {args.synth_scale} synthetic dataset into {DEFAULT_DATA}")
-        rc = subprocess.call([sys.executable, "-m", "pipeline.data.synth", "--out", str(DEFAULT_DATA),
-                              "--scale", str(args.synth_scale), "--seed", "0"])
-        if rc != 0:
-            raise SystemExit(rc)
+        _generate_default(str(args.synth_scale))
+        return DEFAULT_DATA
+    version = synthetic_version(DEFAULT_DATA)
+    if version is not None and version != GENERATOR_VERSION:
+        console.print(f"run_all: {DEFAULT_DATA} was made by synthetic generator version {version}, the current one is "
+                      f"{GENERATOR_VERSION}: regenerating it ({args.synth_scale} scale)", highlight=False)
+        _generate_default(str(args.synth_scale))
     return DEFAULT_DATA
 
 

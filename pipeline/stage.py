@@ -24,7 +24,7 @@ from pipeline.artifacts import (
     ArtifactPaths, WeightsLock, WeightsNotLockable, atomic_write_text, is_fresh, load_artifact, make_manifest,
     read_manifest, save_artifact, sha256_file,
 )
-from pipeline.cli import DEFAULT_DATA, DEFAULT_WEIGHTS, REPO_ROOT, add_run_flags  # noqa: F401 (re-exported)
+from pipeline.cli import DEFAULT_DATA, DEFAULT_WEIGHTS, REPO_ROOT, add_run_flags, data_root  # noqa: F401 (re-exported)
 from pipeline.config import Config, load_config, stage_config, with_overrides
 from pipeline.data.geometry import ChipGeometry, resolve_geometry
 from pipeline.data.layout import DatasetLayout, apply_holdout, describe, discover_layout
@@ -195,7 +195,8 @@ def prepare_stage(stage: str, args: argparse.Namespace, console: Console | None 
     device = distributed.init_from_env(select_device(args.device))
     lock_weights(stage, Path(args.weights))  # before packing: a second run stops at once
     console = console or make_console(quiet=not distributed.is_main_process())
-    layout = discover_layout(args.data, train_dir=args.train_dir, test_dir=args.test_dir)
+    root = data_root(args)
+    layout = discover_layout(root, train_dir=args.train_dir, test_dir=args.test_dir)
     if cfg.data.holdout_classes:
         layout = apply_holdout(layout, [str(c) for c in cfg.data.holdout_classes])
     console.print(describe(layout))
@@ -219,8 +220,8 @@ def prepare_stage(stage: str, args: argparse.Namespace, console: Console | None 
     if distributed.is_main_process():
         weights_dir.mkdir(parents=True, exist_ok=True)
     ctx = StageContext(
-        stage, cfg, layout, StageData(packed, cfg, geometry, device, source=str(args.data)), device, console,
-        weights_dir, Path(args.data), skip_fresh=bool(getattr(args, "skip_fresh", False)),
+        stage, cfg, layout, StageData(packed, cfg, geometry, device, source=str(root)), device, console,
+        weights_dir, root, skip_fresh=bool(getattr(args, "skip_fresh", False)),
         resume=bool(getattr(args, "resume", False)), status_file=getattr(args, "status_file", None),
     )
     ctx.report(stage=stage, dataset_fingerprint=packed.train_fingerprint)

@@ -262,3 +262,36 @@ def test_more_gpus_than_visible_is_one_line_from_the_command_line(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and "more processes than GPUs" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr and result.stdout == ""
     assert not any((tmp_path / d).exists() for d in ("w", "subs", "cache"))
+
+
+def test_outdated_default_dataset_is_regenerated_and_user_data_never(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from pipeline.data import synth
+
+    default = tmp_path / "data" / "synthetic"
+    generate(default, "tiny", seed=0, workers=1)
+    info_path = default / "synth_info.json"
+    info = json.loads(info_path.read_text())
+    del info["generator_version"]  # as written by generator version 1
+    info_path.write_text(json.dumps(info))
+    (default / "stale.txt").write_text("from the old generator")
+    monkeypatch.setattr(run_all_module, "DEFAULT_DATA", default)
+    console = Console(record=True, width=300)
+    args = run_all_module.build_parser().parse_args(["--synth-scale", "tiny"])
+    assert run_all_module.ensure_data(args, console) == default
+    printed = console.export_text()
+    assert "version 1" in printed and f"current one is {synth.GENERATOR_VERSION}" in printed
+    assert len(printed.strip().splitlines()) == 1
+    assert not (default / "stale.txt").exists()
+    assert run_all_module.synthetic_version(default) == synth.GENERATOR_VERSION
+    assert sorted(p.name for p in default.parent.iterdir()) == ["synthetic"]  # no temporary folder left
+    again = Console(record=True, width=300)
+    run_all_module.ensure_data(args, again)  # up to date: untouched, silent
+    assert again.export_text() == ""
+    user = tmp_path / "mine"
+    generate(user, "tiny", seed=0, workers=1)
+    (user / "synth_info.json").write_text(json.dumps(info))  # an old version, but the user's own --data
+    mine = run_all_module.build_parser().parse_args(["--data", str(user)])
+    assert run_all_module.ensure_data(mine, console) == user
+    assert "generator_version" not in json.loads((user / "synth_info.json").read_text())

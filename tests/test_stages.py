@@ -179,3 +179,28 @@ def test_a_parent_trained_on_another_split_is_refused(chain, capsys, stage, pare
     assert f"{parent} was trained on another train/validation split" in line
     assert f"stages.{producer}" in line
     assert _snapshot(chain / "weights") == before  # nothing written, the split files of the artifacts included
+
+
+def test_infer_on_a_flat_2022_style_folder_outside_the_data_root(chain, tmp_path, capsys):
+    """Real 2022 test chips: SAR_<id>.png of 56-59 px (one blank), in a folder beside no training data."""
+    import cv2
+
+    from pipeline.data import transfer
+
+    real = tmp_path / "mavoc2022" / "SAR"
+    real.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    ids = [100578, 10079, 1066, 7]
+    for image_id, side in zip(ids, (56, 57, 58, 59)):
+        chip = rng.integers(40, 200, (side, side)).astype(np.uint8) if image_id != 7 else np.zeros((side, side), np.uint8)
+        cv2.imwrite(str(real / f"SAR_{image_id}.png"), chip)
+    (real.parent / "EO").mkdir()  # the sample's EO folder beside it is not read
+    assert infer.main(argv(chain, "--test-dir", str(real), "--run", "real2022", "--submissions", str(tmp_path / "subs"),
+                           *FAST)) == 0
+    results = (tmp_path / "subs" / "real2022" / "results.csv").read_text().splitlines()
+    assert results[0] == "image_id,class_id,score" and sorted(int(r.split(",")[0]) for r in results[1:]) == sorted(ids)
+    shares = transfer.class_shares(tmp_path / "subs" / "real2022")
+    assert shares.sum() == pytest.approx(1.0) and len(shares) == 10
+    capsys.readouterr()
+    transfer.main([str(tmp_path / "subs" / "real2022")])
+    assert "predicted class shares" in capsys.readouterr().out

@@ -110,11 +110,35 @@ def test_truth_file_beside_test_folder_is_balanced_with_ood(tiny):
 
 
 def test_chips_are_grayscale_at_the_default_sizes(tiny):
-    eo = cv2.imread(str(next((tiny / "EO_Train" / "bus").iterdir())), cv2.IMREAD_UNCHANGED)
-    sar = cv2.imread(str(next((tiny / "SAR_Train" / "bus").iterdir())), cv2.IMREAD_UNCHANGED)
-    test = cv2.imread(str(next((tiny / "SAR_Test").iterdir())), cv2.IMREAD_UNCHANGED)
-    assert eo.shape == (31, 31) and sar.shape == (55, 55) and test.shape == (55, 55)
-    assert eo.dtype == sar.dtype == np.uint8
+    eo = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in sorted((tiny / "EO_Train").rglob("*.png"))]
+    sar = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in sorted((tiny / "SAR_Train").rglob("*.png"))]
+    test = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in sorted((tiny / "SAR_Test").iterdir())]
+    assert {c.shape for c in eo} == {(32, 32)} and all(c.dtype == np.uint8 for c in eo + sar)
+    sides = [c.shape[0] for c in sar + test]
+    assert all(c.shape[0] == c.shape[1] for c in sar + test) and set(sides) <= {56, 57, 58, 59}
+    assert sides.count(56) > len(sides) / 2  # the real mix: mostly 56 px
+    info = json.loads((tiny / "synth_info.json").read_text())
+    assert info["generator_version"] == synth.GENERATOR_VERSION and info["eo_size"] == 32
+
+
+def test_sar_size_mix_follows_the_real_proportions():
+    rng = np.random.default_rng(0)
+    sides = np.array([synth.sar_chip_size(rng) for _ in range(4000)])
+    real = np.array(list(synth.SAR_SIZE_MIX.values())) / sum(synth.SAR_SIZE_MIX.values())
+    drawn = np.array([(sides == s).mean() for s in synth.SAR_SIZE_MIX])
+    assert np.abs(drawn - real).max() < 0.02
+
+
+def test_sar_chips_look_like_the_real_ones_in_bulk(balanced_chips):
+    """Calibrated against the real 2022 chips: no black floor, mid-grey level, coarse correlated speckle."""
+    from pipeline.data.realism import STATISTICS, chip_statistics
+
+    stats = np.median([chip_statistics(c / 255.0) for c in balanced_chips[1]], axis=0)
+    named = dict(zip(STATISTICS, stats))
+    assert named["p01"] > 0.08 and named["dark_fraction"] < 0.01  # the old generator: 0.00 and 0.08
+    assert 0.33 < named["mean"] < 0.45  # real 0.40, old 0.24
+    assert 0.7 < named["autocorr_lag1"] < 0.9  # real 0.80, old 0.33
+    assert named["local_cv"] < 0.3  # real 0.21, old 0.47
 
 
 def test_project_loader_reads_it(tiny):
@@ -231,7 +255,7 @@ def balanced_chips() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     eo, sar, labels = [], [], []
     for kind in range(NUM_OFFICIAL_CLASSES):
         for j in range(40):
-            e, s = synth.render_pair(kind, synth.object_rng(0, synth.TRAIN_STREAM, kind * 10_000 + j), 31, 55)
+            e, s = synth.render_pair(kind, synth.object_rng(0, synth.TRAIN_STREAM, kind * 10_000 + j), 32, 56)
             eo.append(e), sar.append(s), labels.append(kind)
     return np.array(eo), np.array(sar), np.array(labels)
 
@@ -251,7 +275,9 @@ def test_mean_brightness_alone_is_a_weak_cue(balanced_chips, modality):
     mean_only = _balanced_accuracy(chips.mean(axis=(1, 2))[:, None], labels, _logistic())
     from_pixels = _balanced_accuracy(_features(chips), labels, _logistic())
     assert mean_only < 0.2  # chance is 0.1
-    assert from_pixels > mean_only + 0.15
+    # SAR objects sit in texture-dominated clutter at low contrast, as in the real chips: hand-made features
+    # learn less there than from EO, but still clearly above the mean alone
+    assert from_pixels > mean_only + (0.15 if modality == 0 else 0.05)
 
 
 def test_eo_is_easier_than_sar(balanced_chips):
@@ -259,5 +285,5 @@ def test_eo_is_easier_than_sar(balanced_chips):
     knn = lambda: make_pipeline(StandardScaler(), KNeighborsClassifier(7))  # noqa: E731
     eo_score = _balanced_accuracy(_features(eo), labels, knn())
     sar_score = _balanced_accuracy(_features(sar), labels, knn())
-    assert sar_score > 0.2  # SAR is learnable...
+    assert sar_score > 0.125  # SAR is learnable (chance 0.1; real SAR-track top-1 is 20-40% with CNNs)...
     assert eo_score > sar_score + 0.05  # ...but harder than EO

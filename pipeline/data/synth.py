@@ -34,6 +34,7 @@ import numpy as np
 from pipeline.classes import NUM_OFFICIAL_CLASSES, OFFICIAL_COUNTS, OFFICIAL_NAMES, OOD_LABEL
 from pipeline.errors import UserError, exit_on_user_error
 
+GENERATOR_VERSION = 2  # bump on any change to what the generator draws: run_all regenerates its default dataset
 EXTENT_M = 12.0  # ground side of every chip in metres, both modalities
 QUICK_TOTAL = 4_000  # training pairs of the quick scale
 FLOOR = 40  # fewest training pairs per class at the quick and integer scales
@@ -44,7 +45,12 @@ OOD_KINDS = ("tank", "boat_on_trailer", "excavator")
 MIN_CHIP_SIZE = 8
 EO_SUPERSAMPLE = 3  # polygons are drawn on a grid this many times finer, then area-averaged
 SAR_SUPERSAMPLE = 2
-NEIGHBOUR_PROBABILITY = 0.35  # chance of a parked car beside the object, near the chip edge
+SAR_SIZE_MIX = {56: 328, 57: 39, 58: 42, 59: 4}  # SAR chip sides in the 413 real 2022 chips (their counts)
+SAR_PX_PER_M = 56 / EXTENT_M  # pixel spacing of the size mix: a 56-px chip spans EXTENT_M
+BLANK_PROBABILITY = 1 / 413  # all-zero SAR chips (one in the real sample)
+LOT_PROBABILITY = 0.55  # chance that the object stands in a parking row (neighbours side by side, stall lines)
+NEIGHBOUR_PROBABILITY = 0.35  # otherwise: chance of one parked car beside the object
+AXIS_ALIGNED_PROBABILITY = 0.5  # chance that the scene is aligned with the image axes (as lots and streets are)
 TRAIN_STREAM, TEST_STREAM, NAME_STREAM = 0, 1, 2
 _SHIFT = 4  # fractional bits of polygon vertex coordinates passed to OpenCV
 _ONE = 1 << _SHIFT
@@ -383,16 +389,109 @@ BUILDERS: tuple[Callable[[np.random.Generator], Shape], ...] = (
 )  # index = official class id, then NUM_OFFICIAL_CLASSES + index in OOD_KINDS
 
 
-def build_object(kind: int, rng: np.random.Generator) -> Shape:
-    """One object of `kind` in ground coordinates (metres, chip centre at 0): pose, dims, maybe a neighbour."""
+class Scene(NamedTuple):
+    """Ground context around the object (metres, chip centre at 0), drawn in both modalities.
+
+    lines: painted stripes and kerbs (polygon, EO reflectance, SAR strength; 0 = invisible to radar);
+    blocks: buildings and trees (polygon, height m, EO reflectance, SAR factor; tree = rough canopy)."""
+
+    lines: list[tuple[np.ndarray, float, float]]
+    blocks: list[tuple[np.ndarray, float, float, float, bool]]
+
+
+NEIGHBOUR_BUILDERS = (_sedan, _suv, _pickup, _van)
+NEIGHBOUR_WEIGHTS = np.array([0.62, 0.2, 0.1, 0.08])
+
+
+def _extent(shape: Shape) -> tuple[float, float, float, float]:
+    """(x min, x max, y min, y max) of the solid parts."""
+    pts = np.concatenate([p.poly for p in shape.parts])
+    return float(pts[:, 0].min()), float(pts[:, 0].max()), float(pts[:, 1].min()), float(pts[:, 1].max())
+
+
+def _neighbour(rng: np.random.Generator) -> Shape:
+    shape = NEIGHBOUR_BUILDERS[int(rng.choice(len(NEIGHBOUR_BUILDERS), p=NEIGHBOUR_WEIGHTS))](rng)
+    return _moved(shape, math.pi if rng.random() < 0.3 else 0.0)
+
+
+def _parking_row(shape: Shape, rng: np.random.Generator) -> tuple[Shape, list]:
+    """Cars parked side by side with the object (and maybe across the aisle), painted stall lines between them."""
+    x0, x1, y0, y1 = _extent(shape)
+    pitch = rng.uniform(2.5, 3.0)
+    neighbours, lines = [], []
+    stall0, stall1 = x0 - rng.uniform(0.1, 0.6), x0 + rng.uniform(4.8, 5.6)
+    paint = rng.uniform(0.55, 0.9) if rng.random() < 0.7 else 0.0
+    for side in (-1.0, 1.0):
+        edge = y1 if side > 0 else -y0
+        for slot in range(1, 4):
+            offset = side * (edge + (slot - 0.5) * pitch + rng.uniform(-0.2, 0.2))
+            if rng.random() < 0.8 - 0.15 * slot:
+                neighbours.append(_moved(_neighbour(rng), rng.normal(0, 0.04), (rng.normal(0, 0.3), offset)))
+            if paint:
+                y = side * (edge + (slot - 1) * pitch + 0.35)
+                lines.append((_turned(_rect(stall0, stall1, 0.12, y), 0.0), paint, 0.0))
+    if rng.random() < 0.35:  # a second row across the aisle or nose to nose
+        gap = rng.uniform(0.8, 7.0)
+        for k in range(-2, 3):
+            if rng.random() < 0.6:
+                car = _neighbour(rng)
+                cx0, cx1, _, _ = _extent(car)
+                neighbours.append(_moved(car, math.pi + rng.normal(0, 0.04),
+                                         (x0 - gap - cx1, k * pitch + rng.normal(0, 0.2))))
+    return _merged(shape, *neighbours) if neighbours else shape, lines
+
+
+def _context(rng: np.random.Generator, shape: Shape) -> Scene:
+    """Kerbs, buildings and trees beyond the object, none over it."""
+    x0, x1, y0, y1 = _extent(shape)
+    lines, blocks = [], []
+    reach = max(abs(y0), abs(y1)) + 0.5
+    if rng.random() < 0.35:  # a kerb (bright dihedral in SAR) along the object, with a sidewalk edge
+        y = rng.choice([-1.0, 1.0]) * (reach + rng.uniform(0.3, 3.0))
+        lines.append((_rect(-30, 30, rng.uniform(0.2, 0.4), y), rng.uniform(0.4, 0.8), rng.uniform(0.5, 2.0)))
+    if rng.random() < 0.25:  # a building beside the scene
+        y = rng.choice([-1.0, 1.0]) * (reach + rng.uniform(1.5, 5.0))
+        depth = rng.uniform(6.0, 20.0)
+        poly = _rect(-30, 30, depth, y + np.sign(y) * depth / 2)
+        blocks.append((_turned(poly, rng.normal(0, 0.1)), rng.uniform(3.0, 12.0), rng.uniform(0.2, 0.9),
+                       rng.uniform(0.5, 2.0), False))
+    for _ in range(int(rng.poisson(0.35))):  # trees
+        ang, dist = rng.uniform(0, 2 * math.pi), reach + rng.uniform(1.0, 5.0)
+        radius = rng.uniform(1.2, 3.0)
+        circle = np.arange(10) * (2 * math.pi / 10)
+        poly = np.stack([radius * np.cos(circle), radius * np.sin(circle)], 1) + dist * np.array([math.cos(ang), math.sin(ang)])
+        blocks.append((poly, rng.uniform(4.0, 9.0), rng.uniform(0.06, 0.2), rng.uniform(0.3, 0.8), True))
+    return Scene(lines, blocks)
+
+
+def build_scene(kind: int, rng: np.random.Generator) -> tuple[Shape, Scene]:
+    """One object of `kind` with its neighbours and ground context, in ground coordinates (metres, chip centre 0).
+
+    The context is drawn the same way for every kind, so it tells nothing about the class."""
     shape = BUILDERS[kind](rng)
-    if rng.random() < NEIGHBOUR_PROBABILITY:
-        neighbour = (_sedan, _suv)[int(rng.integers(2))](rng)
+    context = _context(rng, shape)  # around the object itself: may overlap neighbours, never the object
+    lines: list = []
+    if rng.random() < LOT_PROBABILITY:
+        shape, lines = _parking_row(shape, rng)
+    elif rng.random() < NEIGHBOUR_PROBABILITY:
+        _, _, y0, y1 = _extent(shape)
         side = 1.0 if rng.random() < 0.5 else -1.0
-        flip = math.pi if rng.random() < 0.3 else 0.0
-        shape = _merged(shape, _moved(neighbour, flip + rng.normal(0, 0.05),
-                                      (rng.normal(0, 1.5), side * rng.uniform(4.3, 5.6))))
-    return _moved(shape, rng.uniform(0, 2 * math.pi), np.clip(rng.normal(0, 0.5, 2), -1.2, 1.2))
+        car = _neighbour(rng)
+        shape = _merged(shape, _moved(car, rng.normal(0, 0.05),
+                                      (rng.normal(0, 1.5), side * ((y1 if side > 0 else -y0) + rng.uniform(1.6, 3.5)))))
+    scene = Scene(lines + context.lines, context.blocks)
+    heading = rng.uniform(0, 2 * math.pi)
+    if rng.random() < AXIS_ALIGNED_PROBABILITY:  # lots and streets along the image axes
+        heading = rng.integers(4) * math.pi / 2 + rng.normal(0, 0.06)
+    offset = np.clip(rng.normal(0, 0.5, 2), -1.2, 1.2)
+    return _moved(shape, heading, offset), Scene(
+        [(_turned(poly, heading, offset), eo, sar) for poly, eo, sar in scene.lines],
+        [(_turned(poly, heading, offset), z, eo, sar, tree) for poly, z, eo, sar, tree in scene.blocks])
+
+
+def build_object(kind: int, rng: np.random.Generator) -> Shape:
+    """One object of `kind` with its neighbours (no ground context), in ground coordinates."""
+    return build_scene(kind, rng)[0]
 
 
 # ----------------------------------------------------------------------------- drawing helpers
@@ -442,26 +541,41 @@ def _smooth_noise(rng: np.random.Generator, n: int, cells: int = 5) -> np.ndarra
 # ----------------------------------------------------------------------------- EO
 
 
-def render_eo(shape: Shape, rng: np.random.Generator, size: int) -> np.ndarray:
-    """Optical top view of `shape` as a size x size uint8 chip."""
+def render_eo(shape: Shape, scene: Scene, rng: np.random.Generator, size: int, extent_m: float = EXTENT_M) -> np.ndarray:
+    """Optical top view of `shape` in its `scene` as a size x size uint8 chip."""
     n = size * EO_SUPERSAMPLE
-    px_per_m, centre = n / EXTENT_M, (n - 1) / 2
+    px_per_m, centre = n / extent_m, (n - 1) / 2
     sun = rng.uniform(0, 2 * math.pi)
-    shadow_per_m = -np.array([math.cos(sun), math.sin(sun)]) / math.tan(rng.uniform(0.5, 1.25))
+    shadow_per_m = -np.array([math.cos(sun), math.sin(sun)]) / math.tan(rng.uniform(0.45, 1.25))
 
     ground = rng.random()  # asphalt, concrete or grass
-    low, high = (0.1, 0.3) if ground < 0.6 else (0.35, 0.55) if ground < 0.85 else (0.15, 0.3)
+    low, high = (0.12, 0.32) if ground < 0.65 else (0.3, 0.55) if ground < 0.85 else (0.1, 0.25)
     base = rng.uniform(low, high)
-    refl = base * (1.0 + rng.uniform(0.04, 0.15) * _smooth_noise(rng, n, 6))
-    if rng.random() < 0.4:  # a parking stripe
+    refl = base * (1.0 + rng.uniform(0.04, 0.2) * _smooth_noise(rng, n, 6)
+                   + rng.uniform(0.02, 0.1) * _smooth_noise(rng, n, 17))
+    if not scene.lines and rng.random() < 0.3:  # a stray road marking
         stripe = _turned(_rect(-20, 20, rng.uniform(0.1, 0.18)), rng.uniform(0, math.pi), rng.uniform(-5, 5, 2))
-        _fill(refl, _to_px(stripe, px_per_m, centre), rng.uniform(0.6, 0.9))
+        _fill(refl, _to_px(stripe, px_per_m, centre), rng.uniform(0.5, 0.9))
+    for poly, tone, _ in scene.lines:
+        _fill(refl, _to_px(poly, px_per_m, centre), tone * rng.uniform(0.85, 1.1))
 
     shadow = np.zeros((n, n), np.float32)
     for part in shape.parts:
         _fill(shadow, _to_px(_sweep_hull(part.poly, shadow_per_m * part.z), px_per_m, centre), 1.0)
-    refl *= 1.0 - (1.0 - rng.uniform(0.3, 0.6)) * shadow
-    gloss = rng.uniform(0.0, 0.15)  # sky reflected by glossy roofs
+    for poly, z, _, _, _ in scene.blocks:
+        _fill(shadow, _to_px(_sweep_hull(poly, shadow_per_m * z), px_per_m, centre), 1.0)
+    refl *= 1.0 - (1.0 - rng.uniform(0.15, 0.4)) * shadow
+    for poly, z, tone, _, tree in scene.blocks:
+        outline = _to_px(poly, px_per_m, centre)
+        if tree:
+            canopy = np.zeros((n, n), np.float32)
+            _fill(canopy, outline, 1.0)
+            texture = np.exp(0.35 * _smooth_noise(rng, n, 23))
+            refl = np.where(canopy > 0, tone * texture, refl).astype(np.float32)
+        else:
+            _fill(refl, outline, tone)
+            cv2.polylines(refl, [outline], True, tone * rng.uniform(0.6, 1.3), 2, cv2.LINE_8, _SHIFT)
+    gloss = rng.uniform(0.0, 0.1)  # sky reflected by glossy roofs
     for part in sorted(shape.parts, key=lambda p: p.z):
         tone = part.tone * rng.uniform(0.93, 1.07)
         outline = _to_px(part.poly, px_per_m, centre)
@@ -472,55 +586,112 @@ def render_eo(shape: Shape, rng: np.random.Generator, size: int) -> np.ndarray:
             _fill(refl, _to_px(middle + 0.55 * (part.poly - middle), px_per_m, centre), tone + gloss)
     for poly, tone in shape.paints:
         _fill(refl, _to_px(poly, px_per_m, centre), tone)
+    glints = int(rng.poisson(0.6))  # specular glints on roofs and glass
+    if glints:
+        tops = [p for p in shape.parts if p.z >= 1.0] or shape.parts
+        for part in (tops[int(i)] for i in rng.integers(len(tops), size=glints)):
+            w = rng.dirichlet(np.ones(len(part.poly)))
+            centre_m = w @ part.poly
+            _fill(refl, _to_px(_rect(-0.35, 0.35, 0.5) + centre_m, px_per_m, centre), rng.uniform(0.6, 1.5))
 
     img = cv2.resize(refl, (size, size), interpolation=cv2.INTER_AREA)
-    img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.15, 0.32) * size / EXTENT_M)
+    img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.22, 0.45) * size / EXTENT_M)
     ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32)
     gx, gy = rng.uniform(-0.12, 0.12, 2)
-    illum = rng.uniform(0.6, 1.45) * (1.0 + gx * ramp[None, :] + gy * ramp[:, None])
+    exposure = math.exp(rng.normal(0.0, 0.3))  # cameras and times of day: dark to bright chips
+    illum = exposure * (1.0 + gx * ramp[None, :] + gy * ramp[:, None])
     noise = rng.uniform(1.0, 3.5) * rng.standard_normal((size, size), dtype=np.float32)
-    out = 255.0 * (img * illum + rng.uniform(-0.04, 0.12)) + noise
+    out = 255.0 * (np.maximum(img * illum + rng.uniform(-0.03, 0.06), 0.0) ** rng.uniform(0.85, 1.15)) + noise
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- SAR
 
 
-def render_sar(shape: Shape, rng: np.random.Generator, size: int) -> np.ndarray:
-    """Radar view of `shape` (per-chip look direction and depression) as a size x size uint8 chip (dB)."""
+def sar_chip_size(rng: np.random.Generator) -> int:
+    """A SAR chip side drawn from the real size mix (SAR_SIZE_MIX)."""
+    sizes = np.array(list(SAR_SIZE_MIX))
+    weights = np.array(list(SAR_SIZE_MIX.values()), dtype=np.float64)
+    return int(rng.choice(sizes, p=weights / weights.sum()))
+
+
+def _correlated_speckle(rng: np.random.Generator, size: int, looks: int, grain: float) -> np.ndarray:
+    """Mean of `looks` independent intensity speckle fields (unit mean) whose grain is a Gaussian of `grain` px."""
+    field = rng.standard_normal((2 * looks, size, size), dtype=np.float32)
+    total = np.zeros((size, size), np.float32)
+    for k in range(looks):
+        re = cv2.GaussianBlur(field[2 * k], (0, 0), grain, borderType=cv2.BORDER_REFLECT)
+        im = cv2.GaussianBlur(field[2 * k + 1], (0, 0), grain, borderType=cv2.BORDER_REFLECT)
+        total += re * re + im * im
+    return total / (total.mean() + 1e-12)
+
+
+def render_sar(shape: Shape, scene: Scene, rng: np.random.Generator, size: int, extent_m: float = EXTENT_M) -> np.ndarray:
+    """Radar view of `shape` in its `scene` (per-chip look direction and depression) as a size x size uint8 chip.
+
+    Clutter and object reflectivity are multiplied by spatially correlated speckle (grain of a few px, as in
+    the oversampled real chips), log-compressed about the chip's median level, so chips have no black floor and
+    a target-to-clutter contrast that varies from plain to barely visible."""
+    if rng.random() < BLANK_PROBABILITY:  # a dropped chip: all zeros, as in the real data
+        return np.zeros((size, size), np.uint8)
     n = size * SAR_SUPERSAMPLE
-    px_per_m, centre = n / EXTENT_M, (n - 1) / 2
+    px_per_m, centre = n / extent_m, (n - 1) / 2
     look = rng.uniform(0, 2 * math.pi)
     to_sensor = np.array([math.cos(look), math.sin(look)])
     depression = rng.uniform(math.radians(25), math.radians(45))
     layover_per_m = to_sensor * math.tan(depression)  # a point at height h appears shifted towards the sensor
     shadow_per_m = -to_sensor / math.tan(depression)
 
-    clutter = 10.0 ** rng.uniform(-1.7, -1.0)
-    img = clutter * np.exp(rng.uniform(0.2, 0.5) * _smooth_noise(rng, n, 7))
+    clutter = 1.0
+    img = np.exp(rng.uniform(0.6, 0.9) * _smooth_noise(rng, n, 7) + rng.uniform(0.7, 1.0) * _smooth_noise(rng, n, 15))
     shadow = np.zeros((n, n), np.float32)
     for part in shape.parts:
         _fill(shadow, _to_px(_sweep_hull(part.poly, shadow_per_m * part.z), px_per_m, centre), 1.0)
-    img *= 1.0 - 0.97 * shadow
+    for poly, z, _, _, _ in scene.blocks:
+        _fill(shadow, _to_px(_sweep_hull(poly, shadow_per_m * z), px_per_m, centre), 1.0)
+    img *= 1.0 - rng.uniform(0.2, 0.6) * shadow
 
     bright = np.zeros((n, n), np.float32)
-    gain = math.exp(rng.normal(0.0, 0.35))  # material/aspect strength of this object
-    _draw_radar_parts(img, bright, shape, rng, gain, to_sensor, layover_per_m, px_per_m, centre)
-    _draw_radar_cavities(img, bright, shape, rng, gain, clutter, to_sensor, layover_per_m, px_per_m, centre)
-    _add_point_scatterers(bright, shape, rng, gain, layover_per_m, px_per_m, centre)
-    stray = int(rng.poisson(2.5))  # poles, curbs, debris around the object
-    _add_points(bright, rng.uniform(-EXTENT_M / 2, EXTENT_M / 2, (stray, 2)), rng.lognormal(math.log(0.3), 1.0, stray),
+    contrast = 10.0 ** rng.uniform(-0.5, 0.3)  # target-to-clutter ratio: plain to barely visible
+    gain = contrast * math.exp(rng.normal(0.0, 0.35))  # material/aspect strength of this object
+    _draw_radar_parts(img, bright, shape, rng, gain * 25.0, to_sensor, layover_per_m, px_per_m, centre)
+    _draw_radar_cavities(img, bright, shape, rng, gain * 25.0, clutter * 0.5, to_sensor, layover_per_m, px_per_m, centre)
+    _add_point_scatterers(bright, shape, rng, gain * 25.0, layover_per_m, px_per_m, centre)
+    _draw_radar_scene(img, bright, scene, rng, to_sensor, layover_per_m, px_per_m, centre)
+    stray = int(rng.poisson(1.5))  # poles, debris around the object
+    _add_points(bright, rng.uniform(-extent_m / 2, extent_m / 2, (stray, 2)), rng.lognormal(math.log(3.0), 1.0, stray),
                 px_per_m, centre)
 
-    img = cv2.resize(img + bright, (size, size), interpolation=cv2.INTER_AREA)
-    img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.15, 0.3) * size / EXTENT_M)
-    looks = int(rng.choice(3, p=(0.4, 0.4, 0.2))) + 1
-    speckle = rng.standard_exponential((looks, size, size), dtype=np.float32).mean(axis=0)  # Gamma(L, 1/L)
-    img = (img + clutter * 10.0 ** rng.uniform(-1.3, -0.2)) * speckle  # noise floor: shadow contrast
-    db = 10.0 * np.log10(np.maximum(img, 1e-9))
-    low = 10.0 * math.log10(clutter) - rng.uniform(5.0, 12.0)
-    out = (db - low) * (255.0 / rng.uniform(28.0, 42.0))
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    img = cv2.resize(img + bright, (size, size), interpolation=cv2.INTER_AREA) + rng.uniform(0.1, 0.3)  # noise floor
+    img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.8, 1.2), borderType=cv2.BORDER_REFLECT)  # impulse response
+    speckle = _correlated_speckle(rng, size, 5, rng.uniform(0.75, 0.9))
+    ratio = np.maximum(img * speckle, 1e-6) / np.median(img * speckle)
+    power = rng.uniform(0.15, 0.25)  # Box-Cox display: between log (0) and amplitude (0.5), no long dark tail
+    spread = rng.normal(0.14, 0.008)  # display units per unit of the transformed ratio
+    out = rng.normal(0.39, 0.03) + spread * (ratio**power - 1.0) / power
+    toe = rng.uniform(0.06, 0.12)  # display toe: values below it are compressed towards 0, never clipped to a floor
+    out = np.where(out < toe, toe * np.exp((np.minimum(out, toe) - toe) / toe), out)
+    return np.clip(np.rint(255.0 * out), 0, 255).astype(np.uint8)
+
+
+def _draw_radar_scene(img: np.ndarray, bright: np.ndarray, scene: Scene, rng: np.random.Generator,
+                      to_sensor: np.ndarray, layover_per_m: np.ndarray, px_per_m: float, centre: float) -> None:
+    """Kerbs as bright lines; buildings: a bright wall-ground line and a laid-over wall; tree canopies."""
+    for poly, _, strength in scene.lines:
+        if strength > 0:
+            _fill(bright, _to_px(poly, px_per_m, centre), strength * rng.uniform(0.5, 1.5))
+    for poly, z, _, rcs, tree in scene.blocks:
+        if tree:
+            _fill(img, _to_px(poly + layover_per_m * z * 0.7, px_per_m, centre), rcs * rng.uniform(1.0, 2.5))
+            continue
+        cos_facing = _outward_normals(poly) @ to_sensor
+        base_px, top_px = _to_px(poly, px_per_m, centre), _to_px(poly + layover_per_m * z, px_per_m, centre)
+        _fill(img, top_px, rcs * rng.uniform(0.5, 1.5))
+        for i in np.flatnonzero(cos_facing > 0.0):
+            j = (i + 1) % len(poly)
+            _fill(img, np.stack([base_px[i], base_px[j], top_px[j], top_px[i]]), rcs * 3.0 * cos_facing[i])
+            cv2.line(bright, base_px[i].tolist(), base_px[j].tolist(), float(rcs * 20.0 * cos_facing[i] ** 2), 2,
+                     cv2.LINE_8, _SHIFT)
 
 
 def _draw_radar_parts(img: np.ndarray, bright: np.ndarray, shape: Shape, rng: np.random.Generator, gain: float,
@@ -537,14 +708,14 @@ def _draw_radar_parts(img: np.ndarray, bright: np.ndarray, shape: Shape, rng: np
             j = (i + 1) % k
             wall = np.stack([base_px[i], base_px[j], top_px[j], top_px[i]])
             _fill(img, wall, gain * part.rcs * 0.12 * cos_facing[i])
-        _fill(img, top_px, gain * part.rcs * 0.05 * rng.uniform(0.4, 1.6))
+        _fill(img, top_px, gain * part.rcs * 0.12 * rng.uniform(0.4, 1.6))
         for i in np.flatnonzero(cos_facing > 0.0):
             j = (i + 1) % k
-            strength = gain * part.rcs * min(part.z, 2.5) * (0.25 + 5.0 * cos_facing[i] ** 4)
+            strength = gain * part.rcs * min(part.z, 2.5) * (0.1 + 1.5 * cos_facing[i] ** 4)
             cv2.line(bright, base_px[i].tolist(), base_px[j].tolist(), float(strength), 1, cv2.LINE_8, _SHIFT)
         corners.append((part.poly + lay)[cos_facing > 0.0])
     corner_points = np.concatenate(corners)
-    _add_points(bright, corner_points, gain * rng.uniform(0.5, 2.0, len(corner_points)), px_per_m, centre)
+    _add_points(bright, corner_points, gain * rng.uniform(0.5, 3.0, len(corner_points)), px_per_m, centre)
 
 
 def _draw_radar_cavities(img: np.ndarray, bright: np.ndarray, shape: Shape, rng: np.random.Generator, gain: float,
@@ -571,7 +742,7 @@ def _add_point_scatterers(bright: np.ndarray, shape: Shape, rng: np.random.Gener
                           layover_per_m: np.ndarray, px_per_m: float, centre: float) -> None:
     """Wheels, mirrors, racks: a few bright points at random places and heights inside the parts."""
     areas = np.array([_area(p.poly) for p in shape.parts])
-    count = int(rng.poisson(2.0 + 0.25 * areas.sum()))
+    count = int(rng.poisson(3.0 + 0.4 * areas.sum()))
     if count == 0:
         return
     most = max(len(p.poly) for p in shape.parts)
@@ -597,12 +768,16 @@ def object_rng(seed: int, stream: int, index: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, stream, index])))
 
 
-def render_pair(kind: int, rng: np.random.Generator, eo_size: int, sar_size: int,
+def render_pair(kind: int, rng: np.random.Generator, eo_size: int, sar_size: int | None,
                 with_eo: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
-    """(EO chip or None, SAR chip) of one object of `kind` (class id, or 10 + OOD kind index)."""
-    shape = build_object(kind, rng)
-    sar = render_sar(shape, rng, sar_size)
-    eo = render_eo(shape, rng, eo_size) if with_eo else None
+    """(EO chip or None, SAR chip) of one object of `kind` (class id, or 10 + OOD kind index).
+
+    sar_size None (or 0): each chip's side is drawn from the real size mix at one pixel spacing."""
+    shape, scene = build_scene(kind, rng)
+    size = sar_size or sar_chip_size(rng)
+    extent = EXTENT_M if sar_size else size / SAR_PX_PER_M  # the real mix keeps one pixel spacing
+    sar = render_sar(shape, scene, rng, size, extent)
+    eo = render_eo(shape, scene, rng, eo_size) if with_eo else None
     return eo, sar
 
 
@@ -611,7 +786,7 @@ class _Job(NamedTuple):
     seed: int
     stream: int
     eo_size: int
-    sar_size: int
+    sar_size: int | None  # None: the real size mix
     items: list[tuple[int, int, str | None, str]]  # (index, kind, EO path or None, SAR path), relative to root
 
 
@@ -643,11 +818,11 @@ def _check_target(out: Path) -> None:
         raise UserError(f"--out {out} is not empty: refusing to overwrite it; pick a new folder or delete this one")
 
 
-def _validate(seed: int, eo_size: int, sar_size: int, workers: int | None) -> int:
+def _validate(seed: int, eo_size: int, sar_size: int | None, workers: int | None) -> int:
     if seed < 0:
         raise UserError(f"seed {seed} is negative: expected a whole number >= 0")
     for flag, value in (("--eo-size", eo_size), ("--sar-size", sar_size)):
-        if value < MIN_CHIP_SIZE:
+        if value is not None and value < MIN_CHIP_SIZE:
             raise UserError(f"{flag} {value} is too small: expected at least {MIN_CHIP_SIZE} pixels")
     if workers is not None and workers < 1:
         raise UserError(f"--workers {workers}: expected at least 1")
@@ -666,7 +841,7 @@ def _plan(scale: str | int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return train_kinds, ids[: len(train_kinds)], test_kinds, ids[len(train_kinds):]
 
 
-def _jobs(root: Path, seed: int, eo_size: int, sar_size: int, workers: int,
+def _jobs(root: Path, seed: int, eo_size: int, sar_size: int | None, workers: int,
           train_kinds: np.ndarray, train_ids: np.ndarray, test_kinds: np.ndarray, test_ids: np.ndarray) -> list[_Job]:
     items = {
         TRAIN_STREAM: [(i, int(k), f"EO_Train/{OFFICIAL_NAMES[k]}/{d}.png", f"SAR_Train/{OFFICIAL_NAMES[k]}/{d}.png")
@@ -708,9 +883,11 @@ def _write_tables(root: Path, info: dict, test_kinds: np.ndarray, test_ids: np.n
     (root / "synth_info.json").write_text(json.dumps({**info, "ood_images": ood_images}, indent=1) + "\n")
 
 
-def generate(out: Path, scale: str | int = "quick", seed: int = 0, eo_size: int = 31, sar_size: int = 55,
+def generate(out: Path, scale: str | int = "quick", seed: int = 0, eo_size: int = 32, sar_size: int | None = None,
              workers: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Write the synthetic dataset into the new or empty folder `out`; returns a summary dict."""
+    """Write the synthetic dataset into the new or empty folder `out`; returns a summary dict.
+
+    sar_size None: SAR chip sides follow the real 56-59 px mix (SAR_SIZE_MIX) at one pixel spacing."""
     start = time.perf_counter()
     out = Path(out).expanduser()
     workers = _validate(seed, eo_size, sar_size, workers)
@@ -733,10 +910,11 @@ def generate(out: Path, scale: str | int = "quick", seed: int = 0, eo_size: int 
         per_class, per_ood = counts_of_test_set(scale)
         info = {
             "generator": "pipeline.data.synth",
+            "generator_version": GENERATOR_VERSION,
             "scale": _parse_scale(scale),
             "seed": seed,
             "eo_size": eo_size,
-            "sar_size": sar_size,
+            "sar_size": sar_size if sar_size else {str(k): v for k, v in SAR_SIZE_MIX.items()},
             "extent_m": EXTENT_M,
             "train_counts": dict(zip(OFFICIAL_NAMES, scale_counts(scale))),
             "test_counts": {**{name: per_class for name in OFFICIAL_NAMES}, "ood": sum(per_ood)},
@@ -763,8 +941,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale", default="quick",
                    help="tiny (8 pairs/class), quick (~4,000 pairs), full (455,635 pairs) or a number of pairs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eo-size", type=int, default=31, help="EO chip side in pixels")
-    p.add_argument("--sar-size", type=int, default=55, help="SAR chip side in pixels")
+    p.add_argument("--eo-size", type=int, default=32, help="EO chip side in pixels")
+    p.add_argument("--sar-size", type=int, default=None,
+                   help="SAR chip side in pixels (default: the real 2022 mix of 56-59 px at one pixel spacing)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all CPU cores)")
     return p.parse_args(argv)
 
@@ -783,8 +962,9 @@ def main(argv: list[str] | None = None) -> None:
     s = generate(args.out, args.scale, args.seed, args.eo_size, args.sar_size, args.workers, progress)
     per_class = ", ".join(f"{k} {v:,}" for k, v in s["train_counts"].items())
     ood = ", ".join(f"{k} {v}" for k, v in s["ood_kinds"].items())
-    print(f"synthetic dataset at {s['out']} (scale {s['scale']}, seed {s['seed']}, EO {s['eo_size']} px, "
-          f"SAR {s['sar_size']} px)")
+    sar = f"{s['sar_size']} px" if isinstance(s["sar_size"], int) else "56-59 px mix"
+    print(f"synthetic dataset at {s['out']} (generator version {GENERATOR_VERSION}, scale {s['scale']}, seed {s['seed']}, "
+          f"EO {s['eo_size']} px, SAR {sar})")
     print(f"train: {s['n_train']:,} pairs: {per_class}")
     per_test_class = s["test_counts"][OFFICIAL_NAMES[0]]
     print(f"test: {s['n_test']:,} SAR chips: {per_test_class} per class + {s['test_counts']['ood']} OOD ({ood})")

@@ -1,0 +1,323 @@
+"""Realism check of the synthetic replica: a two-sample test of real against synthetic chips.
+
+For one modality, chips are read from a real folder and a synthetic one (a dataset root, a modality
+folder or any folder of images, searched at any depth) and compared three ways:
+- a table of simple per-chip statistics (intensity percentiles, dark/bright fractions, mean, spread,
+  local coefficient of variation, autocorrelation at lags 1/2/4, gradient energy, size): medians of
+  real and of synthetic chips side by side;
+- the cross-validated AUROC of a gradient-boosted classifier on those statistics telling real from
+  synthetic (0.5: indistinguishable by these statistics; 1.0: always told apart), and that of a small
+  CNN trained on the pixels (chips resized to CNN_SIDE px, so size is left to the statistics);
+- a montage PNG of real chips (top rows) and synthetic ones (bottom rows).
+Results go to `<out>/<modality>.json` and `<out>/<modality>_montage.png`.
+
+    python -m pipeline.data.realism --real ../shared/data/mavoc2022_sample --synthetic data/synthetic --modality sar
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.errors import UserError, exit_on_user_error
+from pipeline.log import make_console
+
+MODALITY_FOLDERS = {  # child folders that hold a modality's chips in the accepted dataset layouts
+    "sar": ("SAR_Train", "SAR_Test", "SAR", "SAR_VAL"),
+    "eo": ("EO_Train", "EO", "EO_Test"),
+}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DARK, BRIGHT = 0.02, 0.98  # intensity thresholds of the dark and bright pixel fractions (0-1 scale)
+PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
+LAGS = (1, 2, 4)
+LOCAL_WINDOW = 5  # side of the window of the local coefficient of variation
+CNN_SIDE = 32  # the CNN sees every chip resized to this side
+FOLDS = 5
+STATISTICS = (
+    *(f"p{q:02d}" for q in PERCENTILES),
+    "dark_fraction", "bright_fraction", "mean", "std", "local_cv",
+    *(f"autocorr_lag{k}" for k in LAGS),
+    "gradient_energy", "size",
+)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def chip_paths(folder: Path, modality: str) -> list[Path]:
+    """Image files of `modality` under `folder`: inside its modality sub-folders if it has any, else all."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder (expected a dataset root or a folder of chips)")
+    children = {p.name.lower(): p for p in folder.iterdir() if p.is_dir()}
+    roots = [children[n.lower()] for n in MODALITY_FOLDERS[modality] if n.lower() in children] or [folder]
+    paths = sorted(p for root in roots for p in root.rglob("*")
+                   if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    if not paths:
+        raise UserError(f"{folder}: no {modality.upper()} images found (looked in "
+                        f"{', '.join(str(r) for r in roots)} at any depth)")
+    return paths
+
+
+def read_chips(paths: list[Path], limit: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """At most `limit` chips (a seeded random subset), grayscale float32 in [0, 1]."""
+    if len(paths) > limit:
+        paths = [paths[i] for i in sorted(rng.choice(len(paths), limit, replace=False))]
+    chips = []
+    for path in paths:
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise UserError(f"cannot read image {path}: not a readable image file")
+        if img.ndim == 3:
+            img = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2GRAY)
+        scale = 65535.0 if img.dtype == np.uint16 else 255.0
+        chips.append(img.astype(np.float32) / scale)
+    return chips
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def _autocorrelation(z: np.ndarray, lag: int) -> float:
+    """Mean of the horizontal and vertical normalised autocorrelation at `lag` pixels (0 for a flat chip)."""
+    if z.shape[0] <= lag or z.shape[1] <= lag:
+        return 0.0
+    var = float((z * z).mean())
+    if var < 1e-12:
+        return 0.0
+    h = float((z[:, :-lag] * z[:, lag:]).mean())
+    v = float((z[:-lag, :] * z[lag:, :]).mean())
+    return (h + v) / (2 * var)
+
+
+def chip_statistics(chip: np.ndarray) -> np.ndarray:
+    """The STATISTICS of one chip (float image in [0, 1]), in that order."""
+    x = chip.astype(np.float32)
+    mean, std = float(x.mean()), float(x.std())
+    local_mean = cv2.blur(x, (LOCAL_WINDOW, LOCAL_WINDOW))
+    local_sq = cv2.blur(x * x, (LOCAL_WINDOW, LOCAL_WINDOW))
+    local_std = np.sqrt(np.maximum(local_sq - local_mean**2, 0.0))
+    local_cv = float(np.median(local_std / np.maximum(local_mean, 0.02)))
+    z = x - mean
+    gx, gy = cv2.Sobel(x, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(x, cv2.CV_32F, 0, 1, ksize=3)
+    return np.array([
+        *np.percentile(x, PERCENTILES),
+        (x < DARK).mean(), (x > BRIGHT).mean(), mean, std, local_cv,
+        *(_autocorrelation(z, k) for k in LAGS),
+        float((gx * gx + gy * gy).mean()), float(np.sqrt(x.size)),
+    ], dtype=np.float64)
+
+
+def statistics_table(chips: list[np.ndarray]) -> np.ndarray:
+    """(n_chips, len(STATISTICS)) array of chip statistics."""
+    return np.stack([chip_statistics(c) for c in chips])
+
+
+# ----------------------------------------------------------------------------- classifiers
+
+
+def statistics_auroc(real: np.ndarray, synthetic: np.ndarray, seed: int = 0) -> float:
+    """Cross-validated AUROC of gradient boosting on the statistics telling real (positive) from synthetic."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    from threadpoolctl import threadpool_limits
+
+    x = np.concatenate([real, synthetic])
+    y = np.concatenate([np.ones(len(real)), np.zeros(len(synthetic))])
+    leaf = int(np.clip(len(y) // 20, 2, 20))  # sklearn's default 20, fewer for small samples
+    model = HistGradientBoostingClassifier(max_iter=150, learning_rate=0.1, max_leaf_nodes=15, min_samples_leaf=leaf,
+                                           random_state=seed)
+    folds = StratifiedKFold(_folds(y), shuffle=True, random_state=seed)
+    with threadpool_limits(1):  # tiny problem: OpenMP threads only contend (minutes on a loaded machine)
+        proba = cross_val_predict(model, x, y, cv=folds, method="predict_proba")[:, 1]
+    return float(roc_auc_score(y, proba))
+
+
+def _folds(y: np.ndarray) -> int:
+    smaller = int(min((y == 1).sum(), (y == 0).sum()))
+    if smaller < 2:
+        raise UserError(f"too few chips to cross-validate: {smaller} on one side (need at least 2 per side)")
+    return min(FOLDS, smaller)
+
+
+def _cnn_input(chips: list[np.ndarray]) -> np.ndarray:
+    return np.stack([cv2.resize(c, (CNN_SIDE, CNN_SIDE), interpolation=cv2.INTER_AREA) for c in chips])[:, None]
+
+
+def cnn_auroc(real: list[np.ndarray], synthetic: list[np.ndarray], epochs: int = 8, seed: int = 0) -> float:
+    """Cross-validated AUROC of a small CNN (CPU, a few epochs) telling real (positive) from synthetic chips."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    x = torch.from_numpy(np.concatenate([_cnn_input(real), _cnn_input(synthetic)]))
+    y = np.concatenate([np.ones(len(real)), np.zeros(len(synthetic))])
+    yt = torch.from_numpy(y).float()
+    scores = np.zeros(len(y))
+    generator = torch.Generator().manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny net: one thread is as fast and does not contend with other work
+    try:
+        _fit_folds(x, yt, y, scores, epochs, seed, generator)
+    finally:
+        torch.set_num_threads(threads)
+    return float(roc_auc_score(y, scores))
+
+
+def _fit_folds(x, yt, y: np.ndarray, scores: np.ndarray, epochs: int, seed: int, generator) -> None:
+    """Train one small CNN per cross-validation fold; write its held-out logits into `scores`."""
+    import torch
+    from sklearn.model_selection import StratifiedKFold
+    from torch import nn
+
+    for fold, (train, test) in enumerate(StratifiedKFold(_folds(y), shuffle=True, random_state=seed).split(x, y)):
+        torch.manual_seed(seed * 100 + fold)
+        net = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(), nn.Linear(64, 1),
+        )
+        optimiser = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+        train_t = torch.from_numpy(train)
+        for _ in range(epochs):
+            net.train()
+            for batch in train_t[torch.randperm(len(train_t), generator=generator)].split(64):
+                loss = nn.functional.binary_cross_entropy_with_logits(net(x[batch])[:, 0], yt[batch])
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+        net.eval()
+        with torch.no_grad():
+            scores[test] = net(x[torch.from_numpy(test)])[:, 0].numpy()
+
+
+# ----------------------------------------------------------------------------- montage
+
+
+def write_montage(real: list[np.ndarray], synthetic: list[np.ndarray], path: Path, title: str,
+                  per_row: int = 12, rows: int = 3) -> None:
+    """PNG of `rows` rows of real chips above `rows` rows of synthetic chips, each at its own size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = per_row * rows
+    fig, axes = plt.subplots(2 * rows, per_row, figsize=(per_row * 0.9, 2 * rows * 0.95 + 0.6))
+    axes = np.atleast_2d(axes)
+    for side, chips in enumerate((real, synthetic)):
+        for k in range(count):
+            ax = axes[side * rows + k // per_row, k % per_row]
+            ax.set_xticks([]), ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if k < len(chips):
+                ax.imshow(chips[k], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        axes[side * rows, 0].set_ylabel("real" if side == 0 else "synthetic", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the test
+
+
+@dataclass
+class RealismResult:
+    """Outcome of the two-sample test of one modality."""
+
+    modality: str
+    n_real: int
+    n_synthetic: int
+    medians: dict[str, tuple[float, float]]  # statistic -> (real median, synthetic median)
+    statistics_auroc: float
+    cnn_auroc: float | None
+
+    def as_json(self) -> dict:
+        return {
+            "modality": self.modality, "n_real": self.n_real, "n_synthetic": self.n_synthetic,
+            "statistics_auroc": round(self.statistics_auroc, 4),
+            "cnn_auroc": None if self.cnn_auroc is None else round(self.cnn_auroc, 4),
+            "medians": {k: {"real": round(r, 4), "synthetic": round(s, 4)} for k, (r, s) in self.medians.items()},
+        }
+
+
+def compare(real_dir: Path, synthetic_dir: Path, modality: str = "sar", limit: int = 500, seed: int = 0,
+            cnn_epochs: int = 8, montage: Path | None = None) -> RealismResult:
+    """The two-sample test of one modality (cnn_epochs 0: no CNN classifier)."""
+    if modality not in MODALITY_FOLDERS:
+        raise UserError(f"modality '{modality}': expected one of {', '.join(MODALITY_FOLDERS)}")
+    if limit < 2:
+        raise UserError(f"--limit {limit}: expected at least 2 chips per side")
+    rng = np.random.default_rng(seed)
+    real = read_chips(chip_paths(real_dir, modality), limit, rng)
+    synthetic = read_chips(chip_paths(synthetic_dir, modality), limit, rng)
+    real_stats, synthetic_stats = statistics_table(real), statistics_table(synthetic)
+    medians = {name: (float(np.median(real_stats[:, i])), float(np.median(synthetic_stats[:, i])))
+               for i, name in enumerate(STATISTICS)}
+    auroc = statistics_auroc(real_stats, synthetic_stats, seed)
+    cnn = cnn_auroc(real, synthetic, cnn_epochs, seed) if cnn_epochs > 0 else None
+    if montage is not None:
+        write_montage(real, synthetic, montage, f"{modality.upper()}: real (top) vs synthetic (bottom)")
+    return RealismResult(modality, len(real), len(synthetic), medians, auroc, cnn)
+
+
+def _table(result: RealismResult):
+    from rich.table import Table
+
+    table = Table(title=f"{result.modality.upper()} realism: {result.n_real} real vs {result.n_synthetic} synthetic chips")
+    table.add_column("statistic")
+    table.add_column("real median", justify="right")
+    table.add_column("synthetic median", justify="right")
+    for name, (r, s) in result.medians.items():
+        table.add_row(name, f"{r:.3f}", f"{s:.3f}")
+    return table
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipeline.data.realism", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--real", type=Path, required=True, help="folder of real chips (dataset root or image folder)")
+    p.add_argument("--synthetic", type=Path, required=True, help="folder of synthetic chips (e.g. data/synthetic)")
+    p.add_argument("--modality", choices=tuple(MODALITY_FOLDERS), default="sar")
+    p.add_argument("--out", type=Path, default=Path("realism"), help="folder for <modality>.json and the montage")
+    p.add_argument("--limit", type=int, default=500, help="at most this many chips per side (seeded random subset)")
+    p.add_argument("--cnn-epochs", type=int, default=8, help="epochs of the CNN classifier per fold (0: skip it)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    if args.cnn_epochs < 0:
+        raise UserError(f"--cnn-epochs {args.cnn_epochs}: expected 0 or more")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create --out {args.out}: {err.strerror or err}") from None
+    if not os.access(args.out, os.W_OK):
+        raise UserError(f"--out {args.out} is not writable")
+    montage = args.out / f"{args.modality}_montage.png"
+    result = compare(args.real, args.synthetic, args.modality, args.limit, args.seed, args.cnn_epochs, montage)
+    console = make_console()
+    console.print(_table(result))
+    cnn = "n/a (skipped)" if result.cnn_auroc is None else f"{result.cnn_auroc:.3f}"
+    console.print(f"real-vs-synthetic AUROC (cross-validated, 0.5 = indistinguishable): statistics classifier "
+                  f"{result.statistics_auroc:.3f}, CNN {cnn}", highlight=False)
+    report = {**result.as_json(), "real": str(args.real), "synthetic": str(args.synthetic), "montage": str(montage)}
+    (args.out / f"{args.modality}.json").write_text(json.dumps(report, indent=1) + "\n")
+    console.print(f"wrote {args.out / (args.modality + '.json')} and {montage}", highlight=False)
+
+
+if __name__ == "__main__":
+    main()
