@@ -1,7 +1,8 @@
 """Stage 2: distill the frozen EO teacher into a SAR student on paired chips.
 
-Loss = supervised focal/CE on SAR labels + kd_weight * T^2 * KL(teacher_T || student_T) + feature_weight
-* alignment of the student's projected embedding to the teacher's. Both chips of a pair get the same
+Loss = supervised focal/CE on SAR labels + kd_weight * T^2 * KL(teacher_T || student_T), gated per pair by
+the teacher (`distill.gate`: none | correct | confidence), + feature_weight * alignment of the student's
+projected embedding to the teacher's (centred and standardised with `distill.feature_norm`). Both chips of a pair get the same
 geometric augmentation. Writes weights/sar_student.* with the teacher's sha256 in its manifest.
 On a SAR-only dataset the student trains on labels alone.
 """
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         task = DistillTask(student, teacher, criterion)
         train_loader = train_batches(ctx, train_rows, "paired")
         val_ds = paired_dataset(ctx, val_rows, augment=False)
-        ctx.console.print(f"{STAGE}: distilling {TEACHER} into a SAR student (T={cfg['distill']['temperature']}, kd_weight={cfg['distill']['kd_weight']}, feature_weight={cfg['distill']['feature_weight']})")
+        ctx.console.print(f"{STAGE}: distilling {TEACHER} into a SAR student (T={cfg['distill']['temperature']}, kd_weight={cfg['distill']['kd_weight']}, gate={cfg['distill']['gate']}, feature_weight={cfg['distill']['feature_weight']}, feature_norm={cfg['distill']['feature_norm']})")
     else:
         ctx.console.print(f"{STAGE}: SAR-only dataset: no teacher; training the SAR model on labels alone")
         task = ClassifierTask(student, supervised)
