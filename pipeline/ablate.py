@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     console = make_console()
     if args.list:
         for name, variant in VARIANTS.items():
-            console.print(f"{name:20s} {variant.description}: {' '.join(variant.overrides) or '(no overrides)'}", highlight=False)
+            console.print(f"{name:20s} {variant.description}: {' '.join(variant.overrides) or '(no overrides)'}", highlight=False, markup=False)
         return 0
     rows = run_ablation(args, console)
     return 0 if all(r["exit"] == 0 for r in rows) else 1

@@ -12,6 +12,7 @@ submissions/<run>/{results.csv, predictions.csv, summary.json, ood_detector.npz}
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import pandas as pd
 
 from pipeline import distributed
 from pipeline.artifacts import atomic_write_text, code_version, load_artifact
-from pipeline.cluster import check_voting_settings, cluster_vote, no_vote
+from pipeline.cluster import VotingSettings, cluster_vote, no_vote, plan_voting
 from pipeline.data.datasets import ChipDataset
 from pipeline.errors import UserError, exit_on_user_error
 from pipeline.inference import predict, softmax  # noqa: F401 (predict, softmax: stages.infer names kept)
@@ -64,11 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ctx = prepare_stage(STAGE, args)
     cfg = ctx.stage_cfg
-    vote_cfg = cfg["cluster"]
-    if vote_cfg["enabled"]:  # a bad setting stops here, not after the whole test set is predicted
-        check_voting_settings(
-            vote_cfg["tau"], vote_cfg["rho"], vote_cfg["min_voters"], vote_cfg["min_voter_share"], vote_cfg["top_k"]
-        )
+    voting_settings = VotingSettings.from_config(cfg["cluster"])  # a bad setting stops here, before predicting
 
     parents = {PARENT: parent_digest(ctx, PARENT)}
     ood = cfg["ood"]
@@ -106,14 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     predict_seconds = time.perf_counter() - start
     probs = softmax(class_scores)  # the TTA-averaged probabilities when infer.tta.average is probs
 
-    if vote_cfg["enabled"]:
-        voting = cluster_vote(
-            embeddings, probs, vote_cfg["k"], vote_cfg["tau"], vote_cfg["rho"],
-            niter=vote_cfg["niter"], seed=ctx.seed, min_voters=vote_cfg["min_voters"],
-            min_voter_share=vote_cfg["min_voter_share"], top_k=vote_cfg["top_k"],
-        )
-    else:
-        voting = no_vote(probs)
     fit_start, fitted_on = time.perf_counter(), 0
     if detector.needs_fit:  # fitted once on the training split, with the test chips' TTA averaging
         train_rows, _ = train_val_rows(ctx, "sar")
@@ -125,6 +114,27 @@ def main(argv: list[str] | None = None) -> int:
         fitted_on = len(train_rows)
     fit_seconds = time.perf_counter() - fit_start
     score = detector.score(logits=logits, embeddings=embeddings)
+
+    validation: dict = {}
+    if voting_settings.enabled and voting_settings.needs_validation:  # tau, OOD floor, k chosen on validation
+        _, val_rows = train_val_rows(ctx, "sar")
+        v_scores, v_logits, v_emb = predict(model, chip_dataset(ctx, "sar", val_rows, augment=False), cfg, ctx.device)
+        validation = {"val_embeddings": v_emb, "val_probs": softmax(v_scores),
+                      "val_labels": ctx.packed.train_index["class_id"].to_numpy()[val_rows],
+                      "val_scores": detector.score(logits=v_logits, embeddings=v_emb)}
+    plan = plan_voting(voting_settings, score, ctx.num_classes, ctx.seed, **validation)
+    if plan.vote:
+        voting = cluster_vote(
+            embeddings, probs, plan.k, plan.tau, voting_settings.rho,
+            niter=voting_settings.niter, seed=ctx.seed, min_voters=voting_settings.min_voters,
+            min_voter_share=voting_settings.min_voter_share, top_k=voting_settings.top_k, eligible=plan.eligible,
+        )
+        ctx.console.print(f"{STAGE}: voting with tau {plan.tau:.3f}, k {voting.k}, {int(plan.eligible.sum())} of "
+                          f"{len(plan.eligible)} chips above the OOD floor: {int(voting.changed.sum())} labels changed")
+    else:
+        voting = no_vote(probs)
+        if voting_settings.enabled:
+            ctx.console.print(f"{STAGE}: no voting: {plan.reason}")
     energy = ood_score(logits, "energy", ood["temperature"])
 
     ids = test["image_id"].to_numpy().astype(np.int64)
@@ -146,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
             "choice": None if choice is None else {k: choice.get(k) for k in ("method", "params", "mean_auroc", "time")},
         },
         "votes_changed": int(voting.changed.sum()),
+        "voting": {"applied": bool(plan.vote), "reason": plan.reason, "tau": None if not math.isfinite(plan.tau) else plan.tau,
+                   "k": int(voting.k), "ood_floor": plan.floor, "eligible": int(plan.eligible.sum()),
+                   "validation": None if plan.validation is None else plan.validation.to_dict(orient="records")},
         "clusters": int(voting.k),
         "views": len(cfg["tta"]["views"]) * len(cfg["tta"]["scales"]),
         "predict_seconds": predict_seconds, "images_per_s": len(ids) / max(predict_seconds, 1e-9),
