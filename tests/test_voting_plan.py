@@ -128,3 +128,29 @@ def test_pseudo_label_selection_uses_validation_thresholds() -> None:
     assert list(floored.indices) == [0]
     with pytest.raises(UserError, match="min_confidence"):
         PseudoLabelSettings.from_config({"min_confidence": 2})
+
+
+def test_stages_with_pseudo_labels_and_planned_voting(tmp_path):
+    """finetune_head takes pseudo-labelled test chips (recorded, test chips a parent); infer plans voting on validation."""
+    import json
+
+    from pipeline.data.synth import generate
+    from stages import distill_sar, finetune_head, infer, pretrain_eo
+
+    generate(tmp_path / "data", "tiny", seed=7)
+    common = ["--data", str(tmp_path / "data"), "--profile", "tiny", "--weights", str(tmp_path / "w"),
+              "--cache-dir", str(tmp_path / "cache")]
+    assert pretrain_eo.main(common) == 0 and distill_sar.main(common) == 0
+    pseudo = ["--set", "finetune_head.pseudo_labels.enabled=true", "--set", "finetune_head.pseudo_labels.min_confidence=0.0",
+              "--set", "finetune_head.pseudo_labels.ood_quantile=0.0"]
+    assert finetune_head.main([*common, *pseudo]) == 0
+    final = json.loads((tmp_path / "w" / "sar_final.json").read_text())
+    assert final["pseudo_labels"]["chips"] == 33  # every tiny test chip (30 known + 3 unseen) passes a zero threshold
+    assert "test_chips" in final["parents"] and final["config"]["finetune_head"]["pseudo_labels"]["enabled"] is True
+    assert infer.main([*common, "--submissions", str(tmp_path / "subs"), "--run", "r",
+                       "--set", "infer.cluster.require_gain=false"]) == 0
+    voting = json.loads((tmp_path / "subs" / "r" / "summary.json").read_text())["voting"]
+    assert voting["applied"] is True and voting["validation"] and 0.0 <= voting["tau"] <= 1.0
+    assert voting["ood_floor"] is not None and voting["eligible"] <= 33
+    with pytest.raises(SystemExit):  # pseudo-labels need the fast path
+        finetune_head.main([*common, *pseudo, "--set", "finetune_head.augment=true"])
