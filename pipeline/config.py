@@ -127,8 +127,14 @@ class TrainConfig(Section):
 
 
 class DistillConfig(Section):
-    temperature: Positive = _f(4.0, "KD temperature T; the KL term is scaled by T^2")
-    kd_weight: NonNegative = _f(1.0, "weight of T^2 * KL(teacher || student); 0 = no distillation")
+    temperature: Positive = _f(2.0, "KD temperature T; the KL term is scaled by T^2")
+    kd_weight: NonNegative = _f(0.5, "weight of T^2 * KL(teacher || student); 0 = no distillation")
+    gate: Literal["none", "correct", "confidence"] = _f(
+        "confidence", "KD per pair gated by the teacher: none | correct (only where it is right) | confidence (its probability of the true class)"
+    )
+    feature_norm: Literal["none", "batch", "running"] = _f(
+        "batch", "teacher features (and the projection) centred and standardised by batch or running statistics: no bias shortcut"
+    )
     supervised_weight: NonNegative = _f(1.0, "weight of the supervised loss")
     feature_weight: NonNegative = _f(0.5, "weight of the feature-alignment term")
     feature_loss: Literal["cosine", "mse"] = _f("cosine", "cosine | mse")
@@ -148,6 +154,16 @@ class DistillStageConfig(TrainConfig):
     outlier_exposure: OutlierExposureConfig = Field(default_factory=OutlierExposureConfig)
 
 
+class PseudoLabelConfig(Section):
+    enabled: bool = _f(False, "confident, in-distribution-looking test chips join the head's training (fast path only)")
+    min_confidence: Union[Annotated[float, Field(ge=0.0, le=1.0)], Auto] = _f(
+        "auto", "a probability, or auto: the lowest validation confidence whose precision reaches target_precision"
+    )
+    target_precision: Annotated[float, Field(gt=0.0, le=1.0)] = _f(0.9, "min_confidence auto: precision wanted on validation")
+    ood_quantile: Fraction = _f(0.1, "energy floor: this quantile of validation energies; 0 = no floor")
+    max_per_class: Union[PositiveInt, None] = _f(None, "at most this many pseudo-labelled chips per class; null = no cap")
+
+
 class FinetuneStageConfig(TrainConfig):
     epochs: PositiveInt = _f(6, "training epochs")
     batch_size: PositiveInt = _f(256, "batch size (per process)")
@@ -158,6 +174,7 @@ class FinetuneStageConfig(TrainConfig):
     sampler: SamplerConfig = Field(default_factory=lambda: SamplerConfig(kind="balanced", power=1.0))
     augment: bool = _f(False, "false = fast path: embed training chips once, train the head on the cache")
     aug_copies: Annotated[int, Field(ge=0)] = _f(0, "fast path: K extra augmented embeddings per chip")
+    pseudo_labels: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
 
 
 class TTAConfig(Section):
@@ -169,9 +186,15 @@ class TTAConfig(Section):
 
 
 class ClusterConfig(Section):
-    enabled: bool = _f(False, "winner-take-all voting; off by default: it lowered the quick score (README, benchmarks)")
-    k: Union[PositiveInt, Auto] = _f("auto", "number of k-means clusters, or auto")
-    tau: Annotated[float, Field(ge=0.0, le=1.0)] = _f(0.9, "confidence needed to vote")
+    enabled: bool = _f(False, "winner-take-all voting; off by default (README: Ablation)")
+    k: Union[PositiveInt, Literal["auto", "validation"]] = _f(
+        "validation", "k-means clusters: an integer, auto (sqrt rule) or validation (mean cluster size chosen by simulated voting on the validation split)"
+    )
+    tau: Union[Annotated[float, Field(ge=0.0, le=1.0)], Auto] = _f("auto", "confidence needed to vote, or auto: tau_quantile of the validation confidences")
+    tau_quantile: Annotated[float, Field(ge=0.0, le=1.0)] = _f(0.5, "tau auto: this quantile of validation confidences")
+    ood_quantile: Fraction = _f(0.1, "chips scoring below this quantile of validation OOD scores are not clustered; 0 = all")
+    cluster_sizes: Annotated[list[PositiveInt], Field(min_length=1)] = _f([5, 10, 20, 40], "k validation: candidate mean cluster sizes")
+    require_gain: bool = _f(True, "vote only when simulated voting raises validation balanced accuracy")
     rho: Annotated[float, Field(gt=0.0, le=1.0)] = _f(0.6, "share the winning label needs among the voters")
     min_voters: PositiveInt = _f(3, "a cluster needs at least this many voters for its vote to count")
     min_voter_share: Annotated[float, Field(ge=0.0, le=1.0)] = _f(0.2, "... and voters must be at least this share of its members")

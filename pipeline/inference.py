@@ -7,6 +7,7 @@ computation (forward, voting, detector fit and score) and `prediction_tables` it
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -16,7 +17,7 @@ import pandas as pd
 import torch
 
 from pipeline import distributed
-from pipeline.cluster import VotingResult, check_voting_settings, cluster_vote, no_vote
+from pipeline.cluster import VotingPlan, VotingResult, VotingSettings, cluster_vote, no_vote, plan_voting
 from pipeline.config import InferConfig
 from pipeline.ood import OODDetector, ood_score
 from pipeline.ood.anomalies import KINDS, AnomalyDataset, anomaly_count
@@ -91,6 +92,7 @@ class InferenceResult:
     probs: np.ndarray  # class probabilities from the TTA class scores (N, C)
     embeddings: np.ndarray  # TTA-averaged embeddings (N, D)
     voting: VotingResult  # labels after cluster voting (or untouched when voting is off)
+    plan: VotingPlan  # what voting was planned on validation, and why
     score: np.ndarray  # the detector's OOD score, higher = more in-distribution
     energy: np.ndarray  # the energy score, kept beside any detector for comparison
     fitted_on: int  # training chips the detector was fitted on (0: needs no fitting)
@@ -98,11 +100,9 @@ class InferenceResult:
     fit_seconds: float
 
 
-def check_infer_settings(cfg: InferConfig) -> None:
-    """Settings that need more than the schema (voting's joint rules): checked before any prediction."""
-    if cfg.cluster.enabled:
-        v = cfg.cluster
-        check_voting_settings(v.tau, v.rho, v.min_voters, v.min_voter_share, v.top_k)
+def voting_settings(cfg: InferConfig) -> VotingSettings:
+    """The cluster-voting settings (joint rules checked here: call it before predicting anything)."""
+    return VotingSettings.from_config(cfg.cluster.model_dump())
 
 
 def run_inference(
@@ -113,20 +113,17 @@ def run_inference(
     device: torch.device,
     seed: int = 0,
     fit_data: Callable[[], tuple[Any, np.ndarray]] | None = None,
+    val_data: Callable[[], tuple[Any, np.ndarray]] | None = None,
 ) -> InferenceResult:
-    """TTA forward over `test`, cluster voting when enabled, and the OOD score of `detector`, fitted
-    first (when it needs it) on `fit_data()` = (training dataset, its labels) with the same TTA (and, for
-    a detector that needs them, on virtual anomalies of those chips seeded with `seed`)."""
+    """TTA forward over `test`; the OOD score of `detector`, fitted first (when it needs it) on
+    `fit_data()` = (training dataset, its labels) with the same TTA (and, for a detector that needs them,
+    on virtual anomalies of those chips seeded with `seed`); then cluster voting as planned on
+    `val_data()` = (validation dataset, its labels): tau, the OOD floor and k, and whether to vote at all."""
+    settings = voting_settings(cfg)
     start = time.perf_counter()
     class_scores, logits, embeddings = predict(model, test, cfg, device)
     predict_seconds = time.perf_counter() - start
     probs = softmax(class_scores)  # the TTA-averaged probabilities when infer.tta.average is probs
-    v = cfg.cluster
-    voting = (
-        cluster_vote(embeddings, probs, v.k, v.tau, v.rho, niter=v.niter, seed=seed, min_voters=v.min_voters,
-                     min_voter_share=v.min_voter_share, top_k=v.top_k)
-        if v.enabled else no_vote(probs)
-    )
     fit_start, fitted_on = time.perf_counter(), 0
     if detector.needs_fit:
         if fit_data is None:
@@ -135,12 +132,35 @@ def run_inference(
         fit_on_split(detector, model, dataset, labels, cfg, device, seed=seed)
         fitted_on = len(labels)
     fit_seconds = time.perf_counter() - fit_start
+    score = detector.score(logits=logits, embeddings=embeddings)
+
+    validation: dict[str, np.ndarray] = {}
+    if settings.enabled and settings.needs_validation and val_data is not None:
+        dataset, labels = val_data()
+        v_scores, v_logits, v_emb = predict(model, dataset, cfg, device)
+        validation = {"val_embeddings": v_emb, "val_probs": softmax(v_scores), "val_labels": np.asarray(labels),
+                      "val_scores": detector.score(logits=v_logits, embeddings=v_emb)}
+    num_classes = probs.shape[1]
+    plan = plan_voting(settings, score, num_classes, seed, **validation)
+    voting = (
+        cluster_vote(embeddings, probs, plan.k, plan.tau, settings.rho, niter=settings.niter, seed=seed,
+                     min_voters=settings.min_voters, min_voter_share=settings.min_voter_share, top_k=settings.top_k,
+                     eligible=plan.eligible)
+        if plan.vote else no_vote(probs)
+    )
     return InferenceResult(
-        logits=logits, probs=probs, embeddings=embeddings, voting=voting,
-        score=detector.score(logits=logits, embeddings=embeddings),
+        logits=logits, probs=probs, embeddings=embeddings, voting=voting, plan=plan, score=score,
         energy=ood_score(logits, "energy", cfg.ood.temperature),
         fitted_on=fitted_on, predict_seconds=predict_seconds, fit_seconds=fit_seconds,
     )
+
+
+def voting_record(out: InferenceResult) -> dict[str, Any]:
+    """What voting did, for summary.json."""
+    plan = out.plan
+    return {"applied": bool(plan.vote), "reason": plan.reason, "tau": plan.tau if math.isfinite(plan.tau) else None,
+            "k": int(out.voting.k), "ood_floor": plan.floor, "eligible": int(plan.eligible.sum()),
+            "validation": None if plan.validation is None else plan.validation.to_dict(orient="records")}
 
 
 def prediction_tables(ids: np.ndarray, paths: np.ndarray, out: InferenceResult) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -31,6 +31,8 @@ from pipeline.ood.anomalies import check_kinds as check_anomaly_kinds
 
 ALPHA_KINDS = ("none", "inverse_freq", "effective_number")
 FEATURE_LOSSES = ("cosine", "mse")
+FEATURE_NORMS = ("none", "batch", "running")
+KD_GATES = ("none", "correct", "confidence")
 
 
 class FocalLoss(nn.Module):
@@ -182,32 +184,95 @@ def _masked_mean(per_row: Tensor, mask: Tensor | None) -> Tensor:
     return (per_row * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-def kd_kl_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, mask: Tensor | None = None) -> Tensor:
-    """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over the rows where `mask` is True (0 if none)."""
+def kd_kl_loss(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, mask: Tensor | None = None,
+    weight: Tensor | None = None,
+) -> Tensor:
+    """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over the rows where `mask` is True (0 if none).
+
+    `weight` (B,) scales each row's term (the teacher gate); the average still divides by the number of
+    masked rows, so a gate that closes on most rows makes the whole term smaller, not the open rows louder.
+    """
     t = float(temperature)
     log_p_student = F.log_softmax(student_logits.float() / t, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits.detach().float() / t, dim=1)
     per_row = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
+    if weight is not None:
+        per_row = per_row * weight.detach().to(per_row.dtype).reshape(-1)
     return (t * t) * _masked_mean(per_row, mask)
+
+
+def teacher_gate(teacher_logits: Tensor, labels: Tensor, gate: str) -> Tensor | None:
+    """Per-row weight of the KD term: none -> None (every row 1); correct -> 1 where the teacher's argmax
+    is the label, else 0; confidence -> the teacher's probability (T = 1) of the true class."""
+    if gate == "none":
+        return None
+    logits = teacher_logits.detach().float()
+    if gate == "correct":
+        return (logits.argmax(dim=1) == labels).float()
+    if gate == "confidence":
+        return F.softmax(logits, dim=1).gather(1, labels[:, None]).squeeze(1)
+    raise UserError(f"distill.gate '{gate}' is unknown: use one of {', '.join(KD_GATES)}")
 
 
 class FeatureAlignment(nn.Module):
     """Project student embeddings to the teacher's width; `cosine` = 1 - cos, `mse` = elementwise MSE.
 
-    The MSE compares with the raw (detached) teacher features: the projection learns their scale.
+    `norm` says what the target is:
+    - `none`: the raw (detached) teacher features; the projection learns their scale. Post-ReLU
+      teacher features share a large positive mean, so a constant output already scores well.
+    - `batch` / `running`: teacher features centred and standardised per dimension, with the statistics
+      of the masked rows of the batch, or running statistics (momentum `momentum`, updated in training
+      mode); for `cosine` the projected student features are centred on their batch mean too. No bias
+      shortcut: a constant student scores 1 - cos = 1 (cosine) and at best mean(z^2) = 1 (mse, batch).
     """
 
-    def __init__(self, student_dim: int, teacher_dim: int, kind: str = "cosine") -> None:
+    def __init__(self, student_dim: int, teacher_dim: int, kind: str = "cosine", norm: str = "none",
+                 momentum: float = 0.1) -> None:
         super().__init__()
         if kind not in FEATURE_LOSSES:
             raise UserError(f"distill.feature_loss '{kind}' is unknown: use one of {', '.join(FEATURE_LOSSES)}")
+        if norm not in FEATURE_NORMS:
+            raise UserError(f"distill.feature_norm '{norm}' is unknown: use one of {', '.join(FEATURE_NORMS)}")
         self.kind = kind
+        self.norm = norm
+        self.momentum = float(momentum)
         self.projection = nn.Linear(student_dim, teacher_dim)
+        self.register_buffer("running_mean", torch.zeros(teacher_dim))
+        self.register_buffer("running_var", torch.ones(teacher_dim))
+        self.register_buffer("tracked", torch.zeros((), dtype=torch.long))
+
+    def _standardise(self, target: Tensor, weight: Tensor) -> Tensor:
+        n = weight.sum().clamp_min(1.0)
+        mean = (target * weight[:, None]).sum(dim=0) / n
+        var = ((target - mean).pow(2) * weight[:, None]).sum(dim=0) / n
+        if self.norm == "running":
+            if self.training and weight.sum() > 0:
+                with torch.no_grad():
+                    if int(self.tracked) == 0:
+                        self.running_mean.copy_(mean)
+                        self.running_var.copy_(var)
+                    else:
+                        self.running_mean.lerp_(mean, self.momentum)
+                        self.running_var.lerp_(var, self.momentum)
+                    self.tracked += 1
+            mean, var = self.running_mean, self.running_var
+        return (target - mean) / (var + 1e-5).sqrt()
 
     def forward(self, student_emb: Tensor, teacher_emb: Tensor, mask: Tensor | None = None) -> Tensor:
         projected = self.projection(student_emb.float())
         target = teacher_emb.detach().float()
-        if self.kind == "cosine":
+        if self.norm != "none":
+            weight = torch.ones(len(target), device=target.device) if mask is None else mask.float().reshape(-1)
+            target = self._standardise(target, weight)
+            if self.kind == "cosine":
+                center = (projected * weight[:, None]).sum(dim=0) / weight.sum().clamp_min(1.0)
+                projected = projected - center
+        if self.kind == "cosine" and self.norm != "none":
+            # a centred constant output is round-off noise: its norm is clamped so it scores cos = 0, not noise
+            norms = projected.norm(dim=1).clamp_min(1e-3) * target.norm(dim=1).clamp_min(1e-3)
+            per_row = 1.0 - (projected * target).sum(dim=1) / norms
+        elif self.kind == "cosine":
             per_row = 1.0 - F.cosine_similarity(projected, target, dim=1, eps=1e-8)
         else:
             per_row = (projected - target).pow(2).mean(dim=1)
@@ -218,7 +283,7 @@ class DistillationLoss(nn.Module):
     """supervised_weight * (focal|ce) + kd_weight * T^2 KL + feature_weight * alignment -> (total, parts).
 
     Built from a stage's `distill` section (temperature, kd_weight, supervised_weight, feature_weight,
-    feature_loss). The feature projection lives here, so the task's trainable module must hold this
+    feature_loss, feature_norm, gate; absent keys: feature_norm none, gate none). The feature projection lives here, so the task's trainable module must hold this
     loss. `parts` holds the detached unweighted terms: sup, kd, feat (kd/feat only when active).
     """
 
@@ -229,8 +294,11 @@ class DistillationLoss(nn.Module):
         self.kd_weight = distill_cfg.kd_weight
         self.supervised_weight = distill_cfg.supervised_weight
         self.feature_weight = distill_cfg.feature_weight
+        self.gate = distill_cfg.gate
         self.alignment = (
-            FeatureAlignment(student_dim, teacher_dim, distill_cfg.feature_loss) if self.feature_weight > 0 else None
+            FeatureAlignment(student_dim, teacher_dim, distill_cfg.feature_loss, distill_cfg.feature_norm)
+            if self.feature_weight > 0
+            else None
         )
 
     def forward(
@@ -246,9 +314,12 @@ class DistillationLoss(nn.Module):
         total = self.supervised_weight * supervised
         parts = {"sup": supervised.detach()}
         if self.kd_weight > 0 and teacher_logits is not None:
-            kd = kd_kl_loss(student_logits, teacher_logits, self.temperature, mask)
+            gate = teacher_gate(teacher_logits, labels, self.gate)
+            kd = kd_kl_loss(student_logits, teacher_logits, self.temperature, mask, gate)
             total = total + self.kd_weight * kd
             parts["kd"] = kd.detach()
+            if gate is not None:
+                parts["gate"] = _masked_mean(gate, mask).detach()  # mean gate weight: the teacher's useful share
         if self.alignment is not None and teacher_emb is not None:
             feat = self.alignment(student_emb, teacher_emb, mask)
             total = total + self.feature_weight * feat

@@ -1,7 +1,8 @@
 """Stage 2: distill the frozen EO teacher into a SAR student on paired chips.
 
-Loss = supervised focal/CE on SAR labels + kd_weight * T^2 * KL(teacher_T || student_T) + feature_weight
-* alignment of the student's projected embedding to the teacher's. Both chips of a pair get the same
+Loss = supervised focal/CE on SAR labels + kd_weight * T^2 * KL(teacher_T || student_T), gated per pair by
+the teacher (`distill.gate`: none | correct | confidence), + feature_weight * alignment of the student's
+projected embedding to the teacher's (centred and standardised with `distill.feature_norm`). Both chips of a pair get the same
 geometric augmentation. Writes weights/sar_student.* with the teacher's sha256 in its manifest.
 On a SAR-only dataset the student trains on labels alone. Options: LogitNorm (distill_sar.loss.logit_norm)
 and outlier exposure with virtual anomalies of each batch (distill_sar.outlier_exposure.weight > 0).
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         train_loader = data.train_batches(train_rows, "paired", cfg)
         val_ds = data.paired_dataset(val_rows, augment=False)
         d = cfg.distill
-        ctx.console.print(f"{STAGE}: distilling {TEACHER} into a SAR student (T={d.temperature}, kd_weight={d.kd_weight}, feature_weight={d.feature_weight})")
+        ctx.console.print(f"{STAGE}: distilling {TEACHER} into a SAR student (T={d.temperature}, kd_weight={d.kd_weight}, "
+                          f"gate={d.gate}, feature_weight={d.feature_weight}, feature_norm={d.feature_norm})")
     else:
         ctx.console.print(f"{STAGE}: SAR-only dataset: no teacher; training the SAR model on labels alone")
         task = ClassifierTask(student, supervised, outlier_exposure=exposure)

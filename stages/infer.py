@@ -20,7 +20,7 @@ from pipeline import distributed
 from pipeline.artifacts import atomic_write_text, code_version
 from pipeline.cli import DEFAULT_SUBMISSIONS
 from pipeline.errors import exit_on_user_error
-from pipeline.inference import check_infer_settings, prediction_tables, run_inference
+from pipeline.inference import prediction_tables, run_inference, voting_record, voting_settings
 from pipeline.ood import save_detector
 from pipeline.ood.fit import resolve_detector
 from pipeline.report import REPORT_FILE, TRUTH_FILE, write_report_safely
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ctx = prepare_stage(STAGE, args)
     cfg, data = ctx.stage_cfg, ctx.data
-    check_infer_settings(cfg)  # a bad setting stops here, not after the whole test set is predicted
+    voting_settings(cfg)  # a bad setting stops here, not after the whole test set is predicted
     parents = parent_digests(ctx)
     detector, choice = resolve_detector(cfg.ood, ctx.weights_dir, parents["sar_final"], seed=ctx.seed)
     inputs = {"config": ctx.recorded_config, "train_fingerprint": ctx.packed.train_fingerprint,
@@ -67,7 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         ctx.console.print(f"{STAGE}: fitting the {detector.describe()} OOD detector on {len(rows)} training chips")
         return data.chip_dataset("sar", rows, augment=False), data.labels[rows]
 
-    out = run_inference(model.eval(), test_ds, cfg, detector, ctx.device, seed=ctx.seed, fit_data=training_split)
+    def validation_split() -> tuple[object, np.ndarray]:
+        _, rows = data.train_val_rows("sar")
+        return data.chip_dataset("sar", rows, augment=False), data.labels[rows]
+
+    out = run_inference(model.eval(), test_ds, cfg, detector, ctx.device, seed=ctx.seed,
+                        fit_data=training_split, val_data=validation_split)
+    if cfg.cluster.enabled:
+        ctx.console.print(f"{STAGE}: " + (f"voting with tau {out.plan.tau:.3f}, k {out.voting.k}, {int(out.plan.eligible.sum())} chips "
+                                          f"above the OOD floor" if out.plan.vote else f"no voting: {out.plan.reason}"))
     ids, labels = test["image_id"].to_numpy().astype(np.int64), test["class_id"].to_numpy()
     results, predictions = prediction_tables(ids, test["path"].to_numpy(), out)
     changed = int(out.voting.changed.sum())
@@ -77,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         "ood": {"method": cfg.ood.method, "detector": detector.name, "params": detector.params(), "state_file": DETECTOR_FILE,
                 "fitted_on_chips": out.fitted_on, "fit_seconds": out.fit_seconds,
                 "choice": None if choice is None else {k: choice.get(k) for k in ("method", "params", "mean_auroc", "time")}},
-        "votes_changed": changed, "clusters": int(out.voting.k), "views": len(cfg.tta.views) * len(cfg.tta.scales),
+        "votes_changed": changed, "voting": voting_record(out), "clusters": int(out.voting.k), "views": len(cfg.tta.views) * len(cfg.tta.scales),
         "predict_seconds": out.predict_seconds, "images_per_s": len(ids) / max(out.predict_seconds, 1e-9),
         "code_version": code_version(), "weights": str(ctx.weights_dir.resolve()),  # the report's training curves
     }

@@ -16,6 +16,7 @@ from pipeline.losses import (
     build_classification_loss,
     class_alpha,
     kd_kl_loss,
+    teacher_gate,
 )
 
 
@@ -185,7 +186,8 @@ def test_feature_alignment(kind: str) -> None:
 
 
 def test_distillation_loss_combines_weighted_terms() -> None:
-    cfg = {"temperature": 2.0, "kd_weight": 0.7, "supervised_weight": 1.3, "feature_weight": 0.5, "feature_loss": "cosine"}
+    cfg = {"temperature": 2.0, "kd_weight": 0.7, "supervised_weight": 1.3, "feature_weight": 0.5, "feature_loss": "cosine",
+           "gate": "none", "feature_norm": "none"}
     supervised = FocalLoss(gamma=0.0)
     loss = DistillationLoss(supervised, DistillConfig.model_validate(cfg), student_dim=4, teacher_dim=6)
     s_logits, labels = _batch(n=5, c=3, seed=3)
@@ -209,3 +211,99 @@ def test_distillation_without_feature_term_or_teacher() -> None:
     torch.testing.assert_close(total, parts["sup"])
     with pytest.raises(UserError, match="distill_sar.distill.temperature"):
         validate_config({"distill_sar": {"distill": {"temperature": 0.0}}})
+def test_teacher_gate_math() -> None:
+    teacher = torch.tensor([[3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [1.0, 1.0, 1.0]])
+    labels = torch.tensor([0, 0, 2])
+    assert teacher_gate(teacher, labels, "none") is None
+    # argmax [0, 1, 0 (tie -> first)]: right, wrong, wrong
+    torch.testing.assert_close(teacher_gate(teacher, labels, "correct"), torch.tensor([1.0, 0.0, 0.0]))
+    expected = F.softmax(teacher, dim=1)[torch.arange(3), labels]
+    torch.testing.assert_close(teacher_gate(teacher, labels, "confidence"), expected)
+    assert expected[2].item() == pytest.approx(1 / 3)
+    with pytest.raises(UserError, match="distill.gate 'sometimes'"):
+        teacher_gate(teacher, labels, "sometimes")
+
+
+def test_gated_kd_averages_over_masked_rows_not_over_the_gate() -> None:
+    student, labels = _batch(n=6, c=4, seed=1)
+    teacher, _ = _batch(n=6, c=4, seed=2)
+    mask = torch.tensor([True, True, True, True, False, False])
+    weight = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0])
+    t = 2.0
+    per_row = torch.stack([kd_kl_loss(student[i:i + 1], teacher[i:i + 1], t) for i in range(6)])
+    expected = (per_row * weight * mask.float()).sum() / mask.sum()
+    torch.testing.assert_close(kd_kl_loss(student, teacher, t, mask, weight), expected)
+    # a closed gate: zero loss and zero gradient, parameters still touched
+    s = student.clone().requires_grad_(True)
+    kd_kl_loss(s, teacher, t, mask, torch.zeros(6)).backward()
+    assert torch.equal(s.grad, torch.zeros_like(s))
+
+
+def test_distillation_loss_gate_correct_ignores_rows_the_teacher_gets_wrong() -> None:
+    cfg = {"temperature": 2.0, "kd_weight": 1.0, "feature_weight": 0.0, "gate": "correct"}
+    loss = DistillationLoss(FocalLoss(gamma=0.0), DistillConfig.model_validate(cfg), 4, 6)
+    s_logits, _ = _batch(n=4, c=3, seed=5)
+    t_logits = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0], [5.0, 0, 0]])
+    labels = torch.tensor([0, 0, 2, 1])  # teacher right on rows 0 and 2
+    _, parts = loss(s_logits, torch.randn(4, 4), t_logits, None, labels)
+    keep = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    torch.testing.assert_close(parts["kd"], kd_kl_loss(s_logits, t_logits, 2.0, None, keep))
+    assert parts["gate"].item() == pytest.approx(0.5)
+    # changing the wrong rows' teacher logits changes nothing
+    t2 = t_logits.clone()
+    t2[1], t2[3] = torch.tensor([0, 9.0, -3]), torch.tensor([-2.0, 0, 7])
+    _, parts2 = loss(s_logits, torch.randn(4, 4), t2, None, labels)
+    torch.testing.assert_close(parts2["kd"], parts["kd"])
+
+
+@pytest.mark.parametrize("norm", ["batch", "running"])
+def test_standardised_feature_alignment_has_no_bias_shortcut(norm: str) -> None:
+    torch.manual_seed(0)
+    # post-ReLU teacher features with a large shared positive mean
+    teacher = torch.relu(torch.randn(64, 8)) + 3.0
+    student = torch.randn(64, 5)
+    raw = FeatureAlignment(5, 8, "cosine", "none")
+    with torch.no_grad():  # constant student output: the projection's bias alone, along the teacher's mean
+        raw.projection.weight.zero_()
+        raw.projection.bias.copy_(teacher.mean(dim=0))
+    assert raw(student, teacher).item() < 0.05  # the shortcut the raw target allows
+    for kind in ("cosine", "mse"):
+        align = FeatureAlignment(5, 8, kind, norm)
+        align.train()
+        with torch.no_grad():
+            align.projection.weight.zero_()
+            align.projection.bias.copy_(teacher.mean(dim=0))
+        constant = align(student, teacher).item()
+        assert constant >= 1.0 - 1e-3, (kind, constant)  # cosine: exactly 1; mse: 1 + |bias|^2 / D
+        with torch.no_grad():
+            align.projection.bias.zero_()
+        assert align(student, teacher).item() == pytest.approx(1.0, abs=1e-3)
+    # a student that reproduces the standardised features scores (nearly) 0
+    z = (teacher - teacher.mean(0)) / (teacher.var(0, unbiased=False) + 1e-5).sqrt()
+    for kind in ("cosine", "mse"):
+        align = FeatureAlignment(8, 8, kind, norm)
+        with torch.no_grad():
+            align.projection.weight.copy_(torch.eye(8))
+            align.projection.bias.zero_()
+        assert align(z, teacher).item() < 1e-3
+
+
+def test_feature_alignment_running_statistics_and_mask() -> None:
+    align = FeatureAlignment(3, 3, "mse", "running", momentum=0.5)
+    align.train()
+    t1, t2 = torch.randn(10, 3) + 5.0, torch.randn(10, 3) - 5.0
+    align(torch.randn(10, 3), t1)
+    torch.testing.assert_close(align.running_mean, t1.mean(0))  # first batch: taken as is
+    align(torch.randn(10, 3), t2)
+    torch.testing.assert_close(align.running_mean, 0.5 * t1.mean(0) + 0.5 * t2.mean(0))
+    align.eval()
+    before = align.running_mean.clone()
+    align(torch.randn(10, 3), t1)
+    assert torch.equal(align.running_mean, before)  # evaluation does not update
+    batch = FeatureAlignment(3, 3, "mse", "batch")
+    mask = torch.tensor([True] * 5 + [False] * 5)
+    feats, target = torch.randn(10, 3), torch.randn(10, 3)
+    target[5:] += 100.0  # unmasked rows must not move the statistics
+    torch.testing.assert_close(batch(feats, target, mask), batch(feats[:5], target[:5]))
+    with pytest.raises(UserError, match="feature_norm 'l2'"):
+        FeatureAlignment(3, 3, "mse", "l2")

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.experiment import RunOptions, format_mean_se, run_pipeline
 from pipeline.log import make_console
 
 # Candidates as overrides on the chosen profile; the profile's own recipe is "profile".
@@ -56,51 +55,21 @@ CANDIDATES: dict[str, list[str]] = {
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _manifest_metric(weights: Path, artifact: str, key: str) -> float:
-    path = weights / f"{artifact}.json"
-    if not path.is_file():
-        return float("nan")
-    value = json.loads(path.read_text()).get("metrics", {}).get(key)
-    return float(value) if isinstance(value, (int, float)) else float("nan")
-
-
 def run_candidate(name: str, overrides: list[str], seed: int, args: argparse.Namespace, console: Console) -> dict:
-    """Train and infer one candidate with one seed in temporary folders; its figures."""
+    """Train and infer one candidate with one seed in temporary folders (every stage rerun); its figures."""
+    options = RunOptions(data=args.data, profile=args.profile, overrides=list(args.set), cache_dir=args.cache_dir,
+                         holdout_classes=args.holdout_classes, train_dir=args.train_dir, test_dir=args.test_dir)
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
-        weights, submissions = Path(tmp) / "weights", Path(tmp) / "submissions"
-        cmd = [sys.executable, "-m", "pipeline.run_all", "--data", str(args.data), "--profile", args.profile,
-               "--weights", str(weights), "--submissions", str(submissions), "--seed", str(seed), "--force"]
-        for flag, value in (("--cache-dir", args.cache_dir), ("--holdout-classes", args.holdout_classes),
-                            ("--train-dir", args.train_dir), ("--test-dir", args.test_dir)):
-            if value:
-                cmd += [flag, str(value)]
-        for item in [*overrides, *args.set]:
-            cmd += ["--set", item]
-        start = time.perf_counter()
-        log = Path(tmp) / "log.txt"
-        with log.open("w") as out:
-            rc = subprocess.call(cmd, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
-        seconds = time.perf_counter() - start
-        if rc != 0:
-            console.print(f"[red]{name} seed {seed} failed (exit {rc}):[/]\n" + "\n".join(log.read_text().splitlines()[-15:]))
-        row = {"candidate": name, "seed": seed, "seconds": round(seconds, 1), "exit": rc,
-               "val_balanced_accuracy": _manifest_metric(weights, "sar_final", "balanced_accuracy"),
-               "val_balanced_accuracy_se": _manifest_metric(weights, "sar_final", "balanced_accuracy_se"),
-               "student_val_balanced_accuracy": _manifest_metric(weights, "sar_student", "balanced_accuracy")}
-        scores = sorted(submissions.glob("*/score.json"))
-        score = json.loads(scores[-1].read_text()) if scores else {}
-        for key in ("accuracy", "balanced_accuracy", "auroc", "competition_score"):
-            value = score.get(key)
-            row[f"test_{key}"] = float(value) if isinstance(value, (int, float)) else float("nan")
-        return row
+        result = run_pipeline(options, overrides, seed, Path(tmp) / "weights", Path(tmp) / "submissions",
+                              Path(tmp) / "log.txt", force=True)
+    if result.exit_code != 0:
+        console.print(f"[red]{name} seed {seed} failed (exit {result.exit_code}):[/]\n{result.log_tail}")
+    return {"candidate": name, "seed": seed, "seconds": round(result.seconds, 1), "exit": result.exit_code,
+            **{k: v for k, v in result.metrics.items() if k != "teacher_val_balanced_accuracy"}}
 
 
 def _mean_se(values: list[float]) -> str:
-    values = [v for v in values if np.isfinite(v)]
-    if not values:
-        return "-"
-    se = np.std(values, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return f"{np.mean(values):.4f} ± {se:.4f}" if np.isfinite(se) else f"{np.mean(values):.4f}"
+    return format_mean_se(values)
 
 
 def summary_table(rows: list[dict], title: str) -> Table:

@@ -116,10 +116,14 @@ class StageData:
         return ChipDataset(self.packed.test_sar, test["sar_row"].to_numpy(), np.maximum(labels, 0), norm=norm, augment=None, seed=self.seed)
 
     def sampler(self, rows: np.ndarray, train_cfg: TrainConfig) -> Sampler:
-        """The stage's sampler (weighted / balanced / uniform) over `rows`, sharded across ranks."""
+        """The stage's sampler (weighted / balanced / uniform) over training `rows`, sharded across ranks."""
+        return self.sampler_for(self.labels[rows], train_cfg)
+
+    def sampler_for(self, labels: np.ndarray, train_cfg: TrainConfig) -> Sampler:
+        """The stage's sampler over items with these labels (e.g. training rows plus pseudo-labelled chips)."""
         return make_sampler(
-            train_cfg.sampler.kind, self.labels[rows], train_cfg.sampler.power,
-            num_samples=samples_per_epoch(train_cfg, len(rows)), seed=self.seed,
+            train_cfg.sampler.kind, np.asarray(labels), train_cfg.sampler.power,
+            num_samples=samples_per_epoch(train_cfg, len(labels)), seed=self.seed,
             rank=distributed.rank(), world_size=distributed.world_size(),
         )
 
