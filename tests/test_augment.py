@@ -142,7 +142,7 @@ def _uniform(low: float, high: float) -> dict[str, float]:
     return {"mean": (low + high) / 2, "std": (high - low) / math.sqrt(12), "min": low, "max": high}
 
 
-SPEC = AugmentSpec.from_config(load_config("tiny")["augment"] | {"rotate": 20.0, "eo_noise": 0.05})
+SPEC = AugmentSpec.from_config(load_config("tiny").augment.model_dump() | {"rotate": 20.0, "eo_noise": 0.05})
 RAMP = np.tile(np.linspace(20, 235, 16).round().astype(np.uint8), (16, 1))
 TWO_LEVELS = np.concatenate([np.full((16, 8), 77, np.uint8), np.full((16, 8), 153, np.uint8)], axis=1)
 DOT = _blobs(16, [(3, 2)], 0.3, 0.3)
@@ -273,10 +273,10 @@ def test_cpu_threads_are_restored_and_non_square_turns_refused() -> None:
 
 
 def test_spec_lists_the_transforms_of_each_modality() -> None:
-    spec = AugmentSpec.from_config(load_config("tiny")["augment"])
+    spec = AugmentSpec.from_config(load_config("tiny").augment.model_dump())
     assert spec.transforms("eo") == ("hflip", "vflip", "rot90", "shift", "scale", "eo_brightness_contrast", "eo_noise")
     assert spec.transforms("sar") == ("hflip", "vflip", "rot90", "shift", "scale", "sar_speckle", "sar_gamma")
-    quick = AugmentSpec.from_config(load_config("quick")["augment"])
+    quick = AugmentSpec.from_config(load_config("quick").augment.model_dump())
     assert not quick.has_geometry and quick.transforms("sar") == ("sar_speckle", "sar_gamma")
     assert AugmentSpec.from_config(None) == AugmentSpec() and build_augmenter({}) is None
     assert SPEC.speckle_range == pytest.approx((1 - 0.15 * math.sqrt(3), 1 + 0.15 * math.sqrt(3)))

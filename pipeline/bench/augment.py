@@ -35,8 +35,8 @@ NORM = (0.3, 0.2)
 def augment_sections() -> dict[str, dict[str, Any]]:
     """The two augmentation settings timed: the quick profile's, and every geometric transform on."""
     return {
-        "quick (photometry + window)": dict(load_config("quick")["augment"]),
-        "all geometry + photometry": {**load_config("tiny")["augment"], "rotate": 10.0},
+        "quick (photometry + window)": dict(load_config("quick").augment.model_dump()),
+        "all geometry + photometry": {**load_config("tiny").augment.model_dump(), "rotate": 10.0},
     }
 
 

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         reuse_s = time.perf_counter() - start
         rates = {}
         for augmented in (True, False):
-            augment = build_augmenter(load_config("quick")["augment"]) if augmented else None
+            augment = build_augmenter(load_config("quick").augment.model_dump()) if augmented else None
             packed_set, png_set = _datasets(packed, eo_size, sar_size, interpolation, augment)
             for workers in args.workers:
                 for name, dataset in (("packed", packed_set), ("PNG", png_set)):
