@@ -1,4 +1,4 @@
-"""Losses: focal / cross-entropy with per-class alpha, knowledge distillation, feature alignment.
+"""Losses: focal / cross-entropy / improved cross-entropy with per-class alpha, knowledge distillation, feature alignment.
 
 Conventions chosen here:
 - `FocalLoss` reduces by the plain mean of per-sample terms `alpha_y (1-p_y)^gamma CE_i`, where
@@ -26,6 +26,7 @@ from pipeline.errors import UserError
 
 ALPHA_KINDS = ("none", "inverse_freq", "effective_number")
 FEATURE_LOSSES = ("cosine", "mse")
+LOSS_KINDS = ("focal", "ce", "ice")
 
 
 class FocalLoss(nn.Module):
@@ -58,6 +59,24 @@ class FocalLoss(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return self.per_sample(logits, target).mean()
+
+
+class ImprovedCrossEntropy(FocalLoss):
+    """Improved cross-entropy (Bahri et al., IEEE GRSL 2019): CE_i + (max_k p_k - p_y), mean over the batch.
+
+    The gap is 0 when the prediction is right and the probability margin of the wrong winner otherwise.
+    CE_i is label-smoothed as in FocalLoss; a per-class alpha scales the whole per-sample term.
+    """
+
+    def __init__(self, alpha: Tensor | None = None, label_smoothing: float = 0.0) -> None:
+        super().__init__(gamma=0.0, alpha=alpha, label_smoothing=label_smoothing)
+
+    def per_sample(self, logits: Tensor, target: Tensor) -> Tensor:
+        probs = F.softmax(logits.float(), dim=1)
+        gap = probs.max(dim=1).values - probs.gather(1, target[:, None]).squeeze(1)
+        if self.alpha is not None:
+            gap = self.alpha.to(gap.device, non_blocking=True)[target] * gap
+        return super().per_sample(logits, target) + gap
 
 
 def class_alpha(
@@ -99,11 +118,13 @@ def class_alpha(
 
 
 def build_classification_loss(loss_cfg: dict[str, Any], class_counts: np.ndarray) -> FocalLoss:
-    """The supervised loss of a stage's `loss` section: focal, or ce (= focal with gamma 0)."""
+    """The supervised loss of a stage's `loss` section: focal, ce (= focal with gamma 0) or ice (ce + probability gap)."""
     kind = loss_cfg.get("kind", "focal")
-    if kind not in ("focal", "ce"):
-        raise UserError(f"loss.kind '{kind}' is unknown: use focal or ce")
+    if kind not in LOSS_KINDS:
+        raise UserError(f"loss.kind '{kind}' is unknown: use one of {', '.join(LOSS_KINDS)}")
     alpha = class_alpha(loss_cfg.get("alpha"), class_counts, float(loss_cfg.get("beta", 0.999)))
+    if kind == "ice":
+        return ImprovedCrossEntropy(alpha=alpha, label_smoothing=float(loss_cfg.get("label_smoothing", 0.0)))
     gamma = float(loss_cfg.get("gamma", 2.0)) if kind == "focal" else 0.0
     return FocalLoss(gamma=gamma, alpha=alpha, label_smoothing=float(loss_cfg.get("label_smoothing", 0.0)))
 

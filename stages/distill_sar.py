@@ -3,7 +3,8 @@
 Loss = supervised focal/CE on SAR labels + kd_weight * T^2 * KL(teacher_T || student_T) + feature_weight
 * alignment of the student's projected embedding to the teacher's. Both chips of a pair get the same
 geometric augmentation. Writes weights/sar_student.* with the teacher's sha256 in its manifest.
-On a SAR-only dataset the student trains on labels alone.
+On a SAR-only dataset the student trains on labels alone. `distill_sar.adversarial` trains on attacked
+SAR chips (pipeline.robust.training); `distill_sar.freeze_layers` keeps early pretrained layers fixed.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import torch
 
 from pipeline import distributed
-from pipeline.errors import exit_on_user_error
+from pipeline.errors import UserError, exit_on_user_error
 from pipeline.losses import DistillationLoss, build_classification_loss
-from pipeline.models import model_from_spec, model_spec
+from pipeline.models import freeze_early_layers, model_from_spec, model_spec
+from pipeline.robust.training import AdversarialSettings, with_adversarial
 from pipeline.stage import (
     build_parser,
     check_parent_split,
@@ -45,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(STAGE, __doc__).parse_args(argv)
     ctx = prepare_stage(STAGE, args)
     cfg = ctx.stage_cfg
+    adversarial = AdversarialSettings.from_config(cfg.get("adversarial"))  # a bad setting stops before training
+    freeze = int(cfg.get("freeze_layers") or 0)
+    if freeze and not ctx.cfg["model"]["init_weights"]:
+        raise UserError("distill_sar.freeze_layers keeps pretrained layers fixed: set model.init_weights, or freeze_layers 0")
     with_teacher = ctx.layout.has_eo
     parents = {TEACHER: parent_digest(ctx, TEACHER)} if with_teacher else {}
     if ctx.skip_if_fresh(ARTIFACT, parents):
@@ -56,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         check_parent_split(ctx, TEACHER, teacher_manifest)  # before save_split overwrites anything
     split_sha = save_split(ctx, ARTIFACT)
     student = new_model(ctx, "sar")
+    if freeze:
+        frozen = freeze_early_layers(student, freeze)
+        ctx.console.print(f"{STAGE}: froze the first {freeze} convolution(s) of the student ({len(frozen)} tensors)")
     supervised = build_classification_loss(cfg["loss"], class_counts(ctx, train_rows))
 
     if with_teacher:
@@ -76,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         train_loader = train_batches(ctx, train_rows, "sar")
         val_ds = chip_dataset(ctx, "sar", val_rows, augment=False)
 
+    if adversarial.active:
+        sar_norm = ctx.packed.norm["sar"]
+        task = with_adversarial(task, adversarial, (sar_norm["mean"], sar_norm["std"]))
+        ctx.console.print(f"{STAGE}: adversarial training: {adversarial.describe()}")
     result = fit(
         task, train_loader,
         make_loader(val_ds, cfg["batch_size"], ctx, train=False), cfg, ctx.num_classes,
