@@ -189,8 +189,8 @@ class AdversarialTask:
             start = (x01 + (2 * torch.rand_like(x01) - 1) * s.eps).clamp(0.0, 1.0)
             stepped = fgsm(self.unit_model, start, labels, s.step())
             return torch.min(torch.max(stepped, x01 - s.eps), x01 + s.eps).clamp(0.0, 1.0)
-        generator = None  # torch's global RNG, reseeded per epoch by the training loop
-        return pgd(self.unit_model, x01, labels, s.eps, s.steps, s.step(), random_start=True, generator=generator)
+        # random starts come from torch's global RNG, which the training loop reseeds every epoch
+        return pgd(self.unit_model, x01, labels, s.eps, s.steps, s.step(), random_start=True)
 
     def loss(self, batch: dict[str, Tensor], module: nn.Module | None = None) -> tuple[Tensor, dict[str, float]]:
         s = self.settings
