@@ -93,7 +93,7 @@ class ModelConfig(Section):
 
 
 class LossConfig(Section):
-    kind: Literal["focal", "ce"] = _f("focal", "focal | ce")
+    kind: Literal["focal", "ce", "ice"] = _f("focal", "focal | ce | ice (improved cross-entropy: ce + (max_k p_k - p_y), Bahri et al. 2019)")
     gamma: NonNegative = _f(2.0, "focal exponent")
     alpha: Union[Literal["none", "inverse_freq", "effective_number"], list[NonNegative]] = _f(
         "none", "per-class weights: none | inverse_freq | effective_number | [a0, ..., aC-1] (the sampler already rebalances)"
@@ -148,9 +148,25 @@ class OutlierExposureConfig(Section):
     )
 
 
+class AdversarialConfig(Section):
+    """Adversarial training of the SAR student (pipeline.robust.training)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, populate_by_name=True)
+    kind: Literal["none", "fgsm", "pgd", "euc_at", "lipschitz"] = _f(
+        "none", "none | fgsm (random start) | pgd (Madry) | euc_at (Xue et al. 2025: + lambda * ||g(x) - g(x+d)||) | lipschitz (Chan-Hon-Tong et al.)"
+    )
+    eps: Annotated[float, Field(gt=0.0, le=255.0)] = _f(8.0, "L-inf radius in 1/255 units of the [0, 1] chip")
+    steps: PositiveInt = _f(1, "attack steps (pgd, euc_at)")
+    step_size: Union[Positive, Auto] = _f("auto", "step as a fraction of eps, or auto")
+    fraction: Annotated[float, Field(gt=0.0, le=1.0)] = _f(1.0, "share of each batch attacked (or penalised)")
+    lambda_: NonNegative = Field(0.8, alias="lambda", description="euc_at / lipschitz: weight of the extra term")
+
+
 class DistillStageConfig(TrainConfig):
     epochs: PositiveInt = _f(24, "training epochs")
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
+    freeze_layers: Annotated[int, Field(ge=0)] = _f(0, "keep the first N convolutions of a pretrained student (model.init_weights) fixed")
     outlier_exposure: OutlierExposureConfig = Field(default_factory=OutlierExposureConfig)
 
 
@@ -243,6 +259,17 @@ class SelectOODConfig(Section):
     head_c: Positive = _f(1.0, "logistic-regression head refitted without the left-out class: inverse L2 strength")
 
 
+class RobustnessConfig(Section):
+    """python -m stages.robustness (run by run_all after infer when enabled)."""
+
+    enabled: bool = _f(False, "run_all runs stages.robustness after infer")
+    eps: Annotated[list[Annotated[float, Field(gt=0.0, le=255.0)]], Field(min_length=1)] = _f([1.0, 2.0, 4.0, 8.0], "L-inf radii in 1/255 units")
+    pgd_steps: Annotated[list[PositiveInt], Field(min_length=1)] = _f([10, 50], "PGD-k attacks evaluated")
+    step_size: Union[Positive, Auto] = _f("auto", "auto (2.5 eps / steps) or a fraction of eps")
+    max_chips: Union[PositiveInt, None] = _f(256, "chips attacked per split (seeded subsample); null = all")
+    batch_size: PositiveInt = _f(128, "attack batch size")
+
+
 class ReportConfig(Section):
     enabled: bool = _f(True, "infer writes submissions/<run>/report.html + plots/ after results.csv (a failing report is only a warning)")
     gallery_size: Annotated[int, Field(ge=0, le=64)] = _f(8, "thumbnails per gallery (most confident mistakes, most OOD-looking chips); 0 = no gallery")
@@ -261,6 +288,7 @@ class Config(Section):
     finetune_head: FinetuneStageConfig = Field(default_factory=FinetuneStageConfig)
     infer: InferConfig = Field(default_factory=InferConfig)
     select_ood: SelectOODConfig = Field(default_factory=SelectOODConfig)
+    robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)  # not recorded by infer: a report never makes a run stale
 
     @field_validator("data", mode="after")
@@ -277,7 +305,7 @@ class Config(Section):
         return getattr(self, name)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", by_alias=True)
 
 
 # Sections every stage reads besides its own; they decide whether an artifact is still fresh.
@@ -423,11 +451,12 @@ def describe(cfg: Config) -> str:
     def walk(model: BaseModel, indent: str) -> None:
         for name, info in type(model).model_fields.items():
             value = getattr(model, name)
+            key = info.alias or name
             if isinstance(value, BaseModel):
-                lines.append(f"{indent}{name}:")
+                lines.append(f"{indent}{key}:")
                 walk(value, indent + "  ")
                 continue
-            text = yaml.safe_dump({name: value}, default_flow_style=True, width=1000).strip()
+            text = yaml.safe_dump({key: value}, default_flow_style=True, width=1000).strip()
             text = text[1:-1] if text.startswith("{") else text
             comment = f"  # {info.description}" if info.description else ""
             lines.append(f"{indent}{text}{comment}")

@@ -1,5 +1,5 @@
-"""Losses: focal / cross-entropy with per-class alpha, knowledge distillation, feature alignment;
-LogitNorm and outlier exposure with virtual anomalies (OOD-minded training options).
+"""Losses: focal / cross-entropy / improved cross-entropy with per-class alpha, knowledge distillation,
+feature alignment; LogitNorm and outlier exposure with virtual anomalies (OOD-minded training options).
 
 Conventions chosen here:
 - `FocalLoss` reduces by the plain mean of per-sample terms `alpha_y (1-p_y)^gamma CE_i`, where
@@ -67,6 +67,24 @@ class FocalLoss(nn.Module):
         return self.per_sample(logits, target).mean()
 
 
+class ImprovedCrossEntropy(FocalLoss):
+    """Improved cross-entropy (Bahri et al., IEEE GRSL 2019): CE_i + (max_k p_k - p_y), mean over the batch.
+
+    The gap is 0 when the prediction is right and the probability margin of the wrong winner otherwise.
+    CE_i is label-smoothed as in FocalLoss; a per-class alpha scales the whole per-sample term.
+    """
+
+    def __init__(self, alpha: Tensor | None = None, label_smoothing: float = 0.0) -> None:
+        super().__init__(gamma=0.0, alpha=alpha, label_smoothing=label_smoothing)
+
+    def per_sample(self, logits: Tensor, target: Tensor) -> Tensor:
+        probs = F.softmax(logits.float(), dim=1)
+        gap = probs.max(dim=1).values - probs.gather(1, target[:, None]).squeeze(1)
+        if self.alpha is not None:
+            gap = self.alpha.to(gap.device, non_blocking=True)[target] * gap
+        return super().per_sample(logits, target) + gap
+
+
 def class_alpha(
     kind: str | Sequence[float] | None, class_counts: np.ndarray, beta: float = 0.999
 ) -> Tensor | None:
@@ -106,11 +124,14 @@ def class_alpha(
 
 
 def build_classification_loss(loss_cfg: LossConfig, class_counts: np.ndarray) -> nn.Module:
-    """The supervised loss of a stage's `loss` section: focal, or ce (= focal with gamma 0); wrapped in
-    LogitNorm when `loss.logit_norm` is set."""
+    """The supervised loss of a stage's `loss` section: focal, ce (= focal with gamma 0) or ice (ce + the
+    probability gap); wrapped in LogitNorm when `loss.logit_norm` is set."""
     alpha = class_alpha(loss_cfg.alpha, class_counts, loss_cfg.beta)
-    gamma = loss_cfg.gamma if loss_cfg.kind == "focal" else 0.0
-    loss = FocalLoss(gamma=gamma, alpha=alpha, label_smoothing=loss_cfg.label_smoothing)
+    if loss_cfg.kind == "ice":
+        loss: nn.Module = ImprovedCrossEntropy(alpha=alpha, label_smoothing=loss_cfg.label_smoothing)
+    else:
+        gamma = loss_cfg.gamma if loss_cfg.kind == "focal" else 0.0
+        loss = FocalLoss(gamma=gamma, alpha=alpha, label_smoothing=loss_cfg.label_smoothing)
     return loss if loss_cfg.logit_norm is None else LogitNormLoss(loss, loss_cfg.logit_norm)
 
 

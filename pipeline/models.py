@@ -243,6 +243,34 @@ def load_init_weights(model: ChipClassifier, path: str | Path) -> None:
     log.info(f"init_weights: loaded {len(loadable)} tensors from {path}")
 
 
+def freeze_early_layers(model: ChipClassifier, convolutions: int) -> list[str]:
+    """Freeze the backbone's first `convolutions` conv layers and every layer before the next one.
+
+    For transfer from `init_weights`: frozen parameters get no gradient, and frozen batch norms keep
+    their running statistics (momentum 0; in train mode they still normalise with batch statistics).
+    Returns the names of the frozen parameters.
+    """
+    if convolutions < 0:
+        raise UserError(f"freeze_layers must be >= 0, got {convolutions}")
+    leaves = [(name, m) for name, m in model.backbone.named_modules() if not list(m.children())]
+    total = sum(isinstance(m, nn.Conv2d) for _, m in leaves)
+    if convolutions > total:
+        raise UserError(f"freeze_layers {convolutions}: '{model.timm_name}' has only {total} convolutions")
+    frozen: list[str] = []
+    seen = 0
+    for name, module in leaves:
+        if isinstance(module, nn.Conv2d):
+            if seen == convolutions:
+                break
+            seen += 1
+        for pname, param in module.named_parameters():
+            param.requires_grad_(False)
+            frozen.append(f"backbone.{name}.{pname}")
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = 0.0
+    return frozen
+
+
 def model_spec(model: ChipClassifier, input_size: int | tuple[int, int], norm: dict) -> dict[str, Any]:
     """What a manifest needs to rebuild the model and feed it: timm name, sizes, normalisation."""
     size = [int(input_size), int(input_size)] if isinstance(input_size, int) else [int(s) for s in input_size]

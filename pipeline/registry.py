@@ -32,6 +32,7 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("finetune_head", "sar_final", ("sar_student",), "sar", False, False, True, "head-only, class-balanced fine-tuning"),
         StageSpec("infer", None, ("sar_final",), "sar", False, False, False, "TTA, cluster voting, OOD score, submission CSV"),
         StageSpec("select_ood", None, ("sar_final",), "sar", False, False, False, "choose infer.ood's detector on validation"),
+        StageSpec("robustness", None, ("sar_final",), "sar", False, False, False, "FGSM/PGD accuracy over an epsilon grid"),
     )
 }
 # The four stages run_all runs, in order.

@@ -4,8 +4,10 @@ Loss = supervised focal/CE on SAR labels + kd_weight * T^2 * KL(teacher_T || stu
 the teacher (`distill.gate`: none | correct | confidence), + feature_weight * alignment of the student's
 projected embedding to the teacher's (centred and standardised with `distill.feature_norm`). Both chips of a pair get the same
 geometric augmentation. Writes weights/sar_student.* with the teacher's sha256 in its manifest.
-On a SAR-only dataset the student trains on labels alone. Options: LogitNorm (distill_sar.loss.logit_norm)
-and outlier exposure with virtual anomalies of each batch (distill_sar.outlier_exposure.weight > 0).
+On a SAR-only dataset the student trains on labels alone. Options: LogitNorm (distill_sar.loss.logit_norm),
+outlier exposure with virtual anomalies of each batch (distill_sar.outlier_exposure.weight > 0),
+adversarial training on attacked SAR chips (distill_sar.adversarial, pipeline.robust.training) and
+freezing early pretrained layers (distill_sar.freeze_layers).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from __future__ import annotations
 import torch
 
 from pipeline import distributed
-from pipeline.errors import exit_on_user_error
+from pipeline.errors import UserError, exit_on_user_error
 from pipeline.losses import DistillationLoss, OutlierExposure, build_classification_loss
-from pipeline.models import model_spec
+from pipeline.models import freeze_early_layers, model_spec
+from pipeline.robust.training import AdversarialSettings, with_adversarial
 from pipeline.stage import (
     build_parser, check_parent_split, fit_stage, holds_weights_lock, load_model, new_model, parent_digest, prepare_stage,
     save_split, save_stage_artifact,
@@ -31,6 +34,9 @@ TEACHER = "eo_teacher"
 def main(argv: list[str] | None = None) -> int:
     ctx = prepare_stage(STAGE, build_parser(STAGE, __doc__).parse_args(argv))
     cfg, data = ctx.stage_cfg, ctx.data
+    adversarial = AdversarialSettings.from_config(cfg.adversarial.model_dump(by_alias=True))  # joint rules, before training
+    if cfg.freeze_layers and not ctx.cfg.model.init_weights:
+        raise UserError("distill_sar.freeze_layers keeps pretrained layers fixed: set model.init_weights, or freeze_layers 0")
     with_teacher = ctx.layout.has_eo
     parents = {TEACHER: parent_digest(ctx, TEACHER)} if with_teacher else {}
     if ctx.skip_if_fresh("sar_student", parents):
@@ -42,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         check_parent_split(ctx, TEACHER, teacher_manifest)  # before save_split overwrites anything
     split_sha = save_split(ctx, "sar_student")
     student = new_model(ctx, "sar")
+    if cfg.freeze_layers:
+        frozen = freeze_early_layers(student, cfg.freeze_layers)
+        ctx.console.print(f"{STAGE}: froze the first {cfg.freeze_layers} convolution(s) of the student ({len(frozen)} tensors)")
     supervised = build_classification_loss(cfg.loss, ctx.class_counts(train_rows))
     exposure = OutlierExposure.from_config(cfg.outlier_exposure, seed=ctx.seed + distributed.rank())
 
@@ -60,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         train_loader = data.train_batches(train_rows, "sar", cfg)
         val_ds = data.chip_dataset("sar", val_rows, augment=False)
 
+    if adversarial.active:
+        task = with_adversarial(task, adversarial, data.norm("sar"))
+        ctx.console.print(f"{STAGE}: adversarial training: {adversarial.describe()}")
     result = fit_stage(ctx, task, train_loader, data.loader(val_ds, cfg.batch_size, train=False))
     if with_teacher:
         after = teacher.state_dict()

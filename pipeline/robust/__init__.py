@@ -1,0 +1,1 @@
+"""Adversarial robustness: L-inf attacks, adversarial training losses, the robustness evaluation."""
