@@ -328,7 +328,7 @@ def run_ablation(args: argparse.Namespace, console: Console) -> list[dict[str, A
     start = time.perf_counter()
     for seed in range(args.seeds):
         configs = {name: resolved_config(options, VARIANTS[name].overrides, seed) for name in names}
-        full_cfg = json.dumps(configs[FULL], sort_keys=True)
+        full_cfg = json.dumps(configs[FULL].to_dict(), sort_keys=True)
         # variants sharing weights run one after another, finetune settings grouped, so each stage runs once
         order = sorted(names, key=lambda n: (n != FULL, weights_key(configs[n]), finetune_key(configs[n])))
         seed_dir = args.out / "runs" / f"seed{seed}"
@@ -336,7 +336,7 @@ def run_ablation(args: argparse.Namespace, console: Console) -> list[dict[str, A
             if (name, seed) in done:
                 continue
             cfg = configs[name]
-            if name != FULL and json.dumps(cfg, sort_keys=True) == full_cfg:
+            if name != FULL and json.dumps(cfg.to_dict(), sort_keys=True) == full_cfg:
                 full_row = next((r for r in rows if r["variant"] == FULL and r["seed"] == seed), None)
                 if full_row is not None:
                     rows.append({**full_row, "variant": name, "same_as": FULL, "seconds": 0.0, "stages_run": ""})

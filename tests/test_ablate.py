@@ -46,7 +46,7 @@ def test_variant_selection_and_shared_weights_keys() -> None:
     base = resolved_config(options, [], 0)
     names, left_out = select_variants(["no-voting", "adv-fgsm", "no-kd"], base)
     assert names[0] == FULL and "no-voting" in names and "no-kd" in names
-    assert left_out == (["adv-fgsm"] if "adversarial" not in base["distill_sar"] else [])
+    assert left_out == []  # distill_sar.adversarial exists: the adversarial variants are offered
     with pytest.raises(UserError, match="unknown variant"):
         select_variants(["no-such-trick"], base)
     key = {n: weights_key(resolved_config(options, VARIANTS[n].overrides, 0)) for n in

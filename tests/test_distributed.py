@@ -154,10 +154,12 @@ def same_global_batch(workspace: Path) -> dict[int, Path]:
 
     Made comparable step for step: the `uniform` sampler's shares interleave one shared permutation,
     so the two ranks' batches together are the one-process batch, with the same augmentation (seeded
-    by draw key); a group-norm model (batch norm normalises per rank) without dropout (drawn per rank).
-    What remains is float summation order.
+    by draw key); a group-norm model (batch norm normalises per rank) without dropout (drawn per rank),
+    and feature alignment to raw teacher features (feature_norm batch standardises per rank, like batch
+    norm). What remains is float summation order.
     """
-    common = ["--set", "model.name=test_efficientnet_gn", "--set", "model.drop_rate=0"]
+    common = ["--set", "model.name=test_efficientnet_gn", "--set", "model.drop_rate=0",
+              "--set", "distill_sar.distill.feature_norm=none"]
     for stage, epochs in EPOCHS.items():
         common += ["--set", f"{stage}.sampler.kind=uniform", "--set", f"{stage}.epochs={epochs}"]
     for stage in ARTIFACTS:

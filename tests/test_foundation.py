@@ -82,7 +82,7 @@ def test_a_profile_file_is_checked_like_overrides(tmp_path):
     good = tmp_path / "mine.yaml"
     good.write_text("distill_sar:\n  epochs: 3\n  distill: {kd_weight: 0}\n")
     cfg = config.load_config(good)
-    assert cfg.distill_sar.epochs == 3 and cfg.distill_sar.distill.kd_weight == 0 and cfg.distill_sar.distill.temperature == 4.0
+    assert cfg.distill_sar.epochs == 3 and cfg.distill_sar.distill.kd_weight == 0 and cfg.distill_sar.distill.temperature == 2.0
     typo = tmp_path / "typo.yaml"
     typo.write_text("infer:\n  tta:\n    view: [identity]\n")
     with pytest.raises(UserError, match="infer.tta.view: no such config key.*did you mean infer.tta.views"):
@@ -95,7 +95,7 @@ def test_a_profile_file_is_checked_like_overrides(tmp_path):
 def test_stage_config_holds_common_sections_and_own():
     sc = config.stage_config(config.load_config("quick"), "distill_sar")
     assert set(sc) == {"seed", "data", "augment", "model", "distill_sar"}
-    assert sc["distill_sar"]["distill"]["temperature"] == 4.0  # plain data, as manifests store it
+    assert sc["distill_sar"]["distill"]["temperature"] == 2.0  # plain data, as manifests store it
 
 
 def test_stage_registry_is_the_one_stage_graph():

@@ -57,7 +57,7 @@ def test_bad_settings_stop_with_one_line(adversarial_chain, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         distill_sar.main(argv(root, "--set", "distill_sar.adversarial.kind=trades"))
     assert exit_info.value.code == 2
-    assert "adversarial.kind 'trades' is unknown" in capsys.readouterr().err
+    assert "distill_sar.adversarial.kind" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         robustness.main(argv(root, "--set", "robustness.eps=[0]"))
     assert "robustness.eps" in capsys.readouterr().err

@@ -368,7 +368,8 @@ def vote_outcomes(run: RunData) -> pd.DataFrame:
 def _voting_section(run: RunData, figs: _Plots) -> Section:
     section = Section("Cluster voting")
     if not (run.summary.get("clusters") or 0) or not (run.predictions["cluster"] >= 0).any():
-        return section.add(paragraph("Cluster voting did not run (infer.cluster.enabled is false)."))
+        reason = (run.summary.get("voting") or {}).get("reason") or "infer.cluster.enabled is false"
+        return section.add(paragraph(f"Cluster voting did not run ({reason})."))
     per_cluster = vote_outcomes(run)
     section.add(figures(figs.make("voting", plots.voting_png, per_cluster)))
     totals = {key: int(per_cluster[key].sum()) if key in per_cluster else 0 for key, _, _ in plots.VOTE_OUTCOMES}

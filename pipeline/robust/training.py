@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -167,8 +167,9 @@ class AdversarialTask:
     def module(self) -> nn.Module:
         return self.task.module
 
-    def trainable_parameters(self) -> Iterable[nn.Parameter]:
-        return self.task.trainable_parameters()
+    @property
+    def saved_module(self) -> nn.Module:
+        return self.task.saved_module
 
     def train_mode(self) -> None:
         self.task.train_mode()
@@ -192,18 +193,18 @@ class AdversarialTask:
         # random starts come from torch's global RNG, which the training loop reseeds every epoch
         return pgd(self.unit_model, x01, labels, s.eps, s.steps, s.step(), random_start=True)
 
-    def loss(self, batch: dict[str, Tensor], module: nn.Module | None = None) -> tuple[Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, Tensor], module: nn.Module | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         s = self.settings
         if not s.active:
             return self.task.loss(batch, module)
         x, labels = batch[self.image_key], batch["label"]
         n = max(1, math.ceil(s.fraction * len(x)))
         x01 = to_unit_range(x[:n].float(), self.norm)
-        extra: dict[str, float] = {}
+        extra: dict[str, Tensor] = {}
         if s.kind == "lipschitz":
             total, parts = self.task.loss(batch, module)
             penalty = feature_gradient_penalty(_UnitRangeEmbedding(self.classifier, self.norm), x01)
-            extra["lipschitz"] = float(penalty.detach())
+            extra["lipschitz"] = penalty.detach()
             total = total + s.weight * penalty
         else:
             x_adv01 = self.attack(x01, labels[:n])
@@ -212,9 +213,9 @@ class AdversarialTask:
             total, parts = self.task.loss(attacked, module)
             if s.kind == "euc_at":
                 alignment = gradient_alignment(self.unit_model, x01, x_adv01, labels[:n])
-                extra["euc"] = float(alignment.detach())
+                extra["euc"] = alignment.detach()
                 total = total + s.weight * alignment
-        return total, {**parts, **extra, "loss": float(total.detach())}
+        return total, {**parts, **extra}
 
 
 def with_adversarial(task: Any, settings: AdversarialSettings, norm: tuple[float, float]) -> Any:
