@@ -62,13 +62,13 @@ def test_ablate_smoke_tiny_two_seeds(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "pipeline.ablate", "--data", str(tmp_path / "data"), "--profile", "tiny",
            "--seeds", "2", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
-           "--variants", "full,no-voting"]
+           "--variants", "full,no-voting,ood-energy"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     with (out / "ablation.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert {(r["variant"], int(r["seed"])) for r in rows} == {
-        (v, s) for v in (FULL, "no-voting") for s in (0, 1)}
+        (v, s) for v in (FULL, "no-voting", "ood-energy") for s in (0, 1)}
     for r in rows:
         assert r["exit"] == "0"
         for key in ("val_balanced_accuracy", "test_accuracy", "test_auroc", "test_competition_score", "seconds"):
