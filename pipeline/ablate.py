@@ -59,6 +59,7 @@ class Variant:
 VARIANTS: dict[str, Variant] = {
     FULL: Variant((), "the profile as it is"),
     "no-kd": Variant(("distill_sar.distill.kd_weight=0",), "no KL term to the EO teacher"),
+    "kd": Variant(("distill_sar.distill.kd_weight=0.5",), "KL term to the EO teacher, weight 0.5 (off by default)"),
     "no-features": Variant(("distill_sar.distill.feature_weight=0",), "no feature alignment to the EO teacher"),
     "no-distill": Variant(("distill_sar.distill.kd_weight=0", "distill_sar.distill.feature_weight=0"),
                           "SAR student on labels alone (teacher unused)"),
@@ -82,7 +83,7 @@ VARIANTS: dict[str, Variant] = {
     "adv-pgd": Variant(("distill_sar.adversarial.kind=pgd",), "PGD adversarial training",
                        requires="distill_sar.adversarial.kind"),
 }
-DEFAULT_VARIANTS = (FULL, "no-kd", "no-features", "no-tta", "tta-flips", "no-voting", "voting",
+DEFAULT_VARIANTS = (FULL, "no-kd", "kd", "no-features", "no-tta", "tta-flips", "no-voting", "voting",
                     *(f"ood-{m}" for m in OOD_METHODS), "pseudo-labels", "no-pseudo-labels", "adv-fgsm", "adv-pgd")
 CSV_COLUMNS = ("variant", "seed", "val_balanced_accuracy", "test_accuracy", "test_auroc", "test_competition_score",
                "seconds", "student_val_balanced_accuracy", "teacher_val_balanced_accuracy", "test_balanced_accuracy",

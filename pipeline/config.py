@@ -128,7 +128,10 @@ class TrainConfig(Section):
 
 class DistillConfig(Section):
     temperature: Positive = _f(2.0, "KD temperature T; the KL term is scaled by T^2")
-    kd_weight: NonNegative = _f(0.5, "weight of T^2 * KL(teacher || student); 0 = no distillation")
+    kd_weight: NonNegative = _f(
+        0.0, "weight of T^2 * KL(teacher || student); 0 = off, the default: KD lowered validation balanced accuracy "
+        "by 0.036 +- 0.009 over 3 seeds on the quick replica (README, Ablation); 0.5 with this recipe to turn it on"
+    )
     gate: Literal["none", "correct", "confidence"] = _f(
         "confidence", "KD per pair gated by the teacher: none | correct (only where it is right) | confidence (its probability of the true class)"
     )

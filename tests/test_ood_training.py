@@ -95,7 +95,7 @@ def test_a_training_step_runs_with_each_option(option: str) -> None:
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
     student, teacher = (create_model("test_resnet", 3, small_input=False, drop_rate=0.0) for _ in range(2))
-    criterion = DistillationLoss(supervised, DistillConfig(), student.embed_dim, teacher.embed_dim)
+    criterion = DistillationLoss(supervised, DistillConfig(kd_weight=0.5), student.embed_dim, teacher.embed_dim)
     task = DistillTask(student, teacher, criterion, outlier_exposure=exposure)
     parts = _step(task, [q for q in task.module.parameters() if q.requires_grad])
     assert ("oe" in parts) == (exposure is not None) and "kd" in parts
