@@ -10,6 +10,7 @@ spawned workers as file references, not copies.
 
 from __future__ import annotations
 
+import abc
 import mmap
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -90,14 +91,15 @@ class _EpochSeeded(Dataset):
                 batch[key] *= torch.from_numpy(present[key]).view(-1, 1, 1, 1)
         return self._items(batch, items, present)
 
+    @abc.abstractmethod
     def _chips(self, items: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """uint8 chips (n, H, W) per batch key, and a presence mask for keys that may lack a chip."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _items(
         self, batch: dict[str, torch.Tensor], items: np.ndarray, present: dict[str, np.ndarray]
     ) -> list[dict[str, Any]]:
-        raise NotImplementedError
+        """The per-item dicts of an augmented, normalised batch (what the DataLoader collates)."""
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
