@@ -1,5 +1,5 @@
-"""End-to-end driver behind run_all.sh: data if needed, the four stages in order (then stages.robustness
-when robustness.enabled), one summary table.
+"""End-to-end driver behind run_all.sh: data if needed, the four stages in order (stages.select_ood before
+infer when infer.ood.method is auto, stages.robustness after it when robustness.enabled), one summary table.
 
 Each stage runs in its own process (under torchrun with --gpus N > 1). A stage whose artifact is up to
 date (same config, dataset and parents) is skipped by the stage itself unless --force. A failing stage
@@ -29,11 +29,14 @@ from pipeline.cli import DEFAULT_DATA, DEFAULT_SUBMISSIONS, REPO_ROOT, add_run_f
 from pipeline.data.synth import GENERATOR_VERSION
 from pipeline.errors import UserError, exit_on_user_error
 from pipeline.log import make_console, rule
+from pipeline.ood import AUTO
+from pipeline.ood.fit import choice_path
 from pipeline.config import load_config
 from pipeline.registry import ARTIFACT_OF_STAGE, PIPELINE, TRAINING_STAGES
 from pipeline.status import read_status
 
 ROBUSTNESS_STAGE, ROBUSTNESS_ARTIFACT = "robustness", "sar_final"  # run after infer when robustness.enabled
+SELECT_OOD_STAGE = "select_ood"  # run before infer when infer.ood.method is auto
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,20 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def robustness_enabled(args: argparse.Namespace) -> bool:
-    """Whether the resolved config (profile + --set) asks for stages.robustness after infer."""
-    return load_config(args.profile, args.overrides).robustness.enabled
-
-
 def selected_stages(args: argparse.Namespace) -> list[str]:
-    """The stages to run in order; robustness follows infer when robustness.enabled is true."""
+    """The stages to run in order; with infer, select_ood goes first when infer.ood.method is auto (it rewrites
+    weights/ood_choice.json only when sar_final or its settings changed) and robustness follows when
+    robustness.enabled is true."""
     if args.only:
         stages = [args.only]
     else:
         start = PIPELINE.index(args.from_stage) if args.from_stage else 0
         stages = list(PIPELINE[start:])
-    if "infer" in stages and robustness_enabled(args):
-        stages.append(ROBUSTNESS_STAGE)
+    if "infer" in stages:
+        cfg = load_config(args.profile, args.overrides)
+        if cfg.infer.ood.method == AUTO:
+            stages.insert(stages.index("infer"), SELECT_OOD_STAGE)
+        if cfg.robustness.enabled:
+            stages.append(ROBUSTNESS_STAGE)
     return stages
 
 
@@ -198,6 +202,9 @@ def stage_output_stamp(stage: str, args: argparse.Namespace) -> tuple[int, str] 
     """What a stage's output looks like now (manifest mtime, or the latest submission), to tell ran from skipped."""
     if stage == ROBUSTNESS_STAGE:
         path = args.weights / f"{ROBUSTNESS_ARTIFACT}.robustness.csv"
+        return (path.stat().st_mtime_ns, "") if path.is_file() else None
+    if stage == SELECT_OOD_STAGE:
+        path = choice_path(args.weights)
         return (path.stat().st_mtime_ns, "") if path.is_file() else None
     if stage == "infer":
         pointer = args.submissions / "latest.txt"

@@ -202,3 +202,27 @@ def test_select_ood_and_infer_fit_the_hypersphere_on_virtual_anomalies(trained, 
     assert summary["ood"]["detector"] == "hypersphere" and summary["ood"]["params"]["steps"] == 30
     detector = load_detector(subs / "hyper" / "ood_detector.npz")
     assert detector.w1.shape[1] == detector.params()["hidden"]
+
+
+def test_run_all_runs_select_ood_before_infer_when_the_method_is_auto(trained, tmp_path):
+    import json
+    import shutil
+
+    from pipeline import run_all
+
+    parse = run_all.build_parser().parse_args
+    assert run_all.selected_stages(parse(["--profile", "tiny"])) == ["pretrain_eo", "distill_sar", "finetune_head", "infer"]
+    auto = ["--profile", "tiny", "--set", "infer.ood.method=auto"]
+    assert run_all.selected_stages(parse(auto)) == ["pretrain_eo", "distill_sar", "finetune_head", "select_ood", "infer"]
+    assert run_all.selected_stages(parse([*auto, "--only", "infer"])) == ["select_ood", "infer"]
+    assert "select_ood" not in run_all.selected_stages(parse([*auto, "--only", "distill_sar"]))
+
+    weights = tmp_path / "weights"  # the trained model without any ood_choice.json
+    shutil.copytree(trained / "weights", weights, ignore=shutil.ignore_patterns("ood_*"))
+    subs = tmp_path / "subs"
+    argv = ["--data", str(trained / "data"), "--weights", str(weights), "--cache-dir", str(trained / "cache"),
+            "--submissions", str(subs), *auto, "--set", "select_ood.candidates=[energy,msp]", "--only", "infer"]
+    assert run_all.main(argv) == 0
+    choice = json.loads((weights / "ood_choice.json").read_text())
+    summary = json.loads(run_all.latest_submission(subs).joinpath("summary.json").read_text())
+    assert choice["method"] in ("energy", "msp") and summary["ood"]["detector"] == choice["method"]
