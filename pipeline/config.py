@@ -208,6 +208,9 @@ class TTAConfig(Section):
     candidates: Annotated[list[ViewSet], Field(min_length=1)] = _f(
         TTA_CANDIDATES, "views auto: the view sets compared on the validation split (identity alone is always compared too)"
     )
+    min_gain_se: NonNegative = _f(
+        0.0, "views auto: a set replaces identity alone only if its validation gain exceeds this many paired standard errors (0: any gain)"
+    )
     scales: Annotated[list[Positive], Field(min_length=1)] = _f([1.0], "rescaled views (1.0: chips keep their physical scale)")
     average: Literal["logits", "probs"] = _f("logits", "average logits or probabilities over views")
 

@@ -119,7 +119,8 @@ def resolve_views(
     dataset, labels = val_split()
     names = [v for v in VIEW_NAMES if v == "identity" or any(v in views for views in cfg.tta.candidates)]
     per_view = dict(zip(names, predict_view_sets(model, dataset, cfg, device, [[v] for v in names])))
-    choice = choose_views({v: p[0] for v, p in per_view.items()}, labels, cfg.tta.candidates, cfg.tta.average)
+    choice = choose_views({v: p[0] for v, p in per_view.items()}, labels, cfg.tta.candidates, cfg.tta.average,
+                          cfg.tta.min_gain_se)
     return ResolvedViews(with_views(cfg, choice.views), choice, combine_views(per_view, choice.views, cfg.tta.average))
 
 

@@ -17,7 +17,7 @@ from scipy.special import logsumexp
 from torch import Tensor, nn
 
 from pipeline.errors import UserError
-from pipeline.metrics import classification_metrics
+from pipeline.metrics import classification_metrics, paired_balanced_accuracy_gain
 
 # The dihedral group of the square: every view a vehicle seen from above can take.
 _VIEWS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -211,13 +211,16 @@ def _set_name(views: list[str] | tuple[str, ...]) -> str:
 
 def choose_views(
     per_view_scores: dict[str, np.ndarray], labels: np.ndarray, candidates: list[list[str]], average: str,
+    min_gain_se: float = 0.0,
 ) -> ViewChoice:
     """The candidate view set with the highest validation balanced accuracy; ties go to fewer views.
 
     `per_view_scores[v]`: validation class scores (N, C) of view `v` alone (averaged over the scales);
-    `labels`: the validation labels. Identity alone is always compared, so a multi-view set is taken
-    only if it beats it. The table rows: views, n_views, balanced_accuracy, se (its binomial standard
-    error), gain (over identity alone), chosen.
+    `labels`: the validation labels. Identity alone is always compared, and another set is eligible
+    only if its gain over identity exceeds `min_gain_se` paired standard errors (0: any gain), so a
+    multi-view set is taken only if it beats identity. The table rows: views, n_views,
+    balanced_accuracy, se (its binomial standard error), gain and gain_se (over identity alone, paired),
+    chosen.
     """
     for views in candidates:
         check_views(views)
@@ -230,19 +233,21 @@ def choose_views(
     if missing:
         raise ValueError(f"no validation scores for view(s) {', '.join(missing)}")
     num_classes = next(iter(per_view_scores.values())).shape[1]
-    rows = []
+    rows, identity_pred = [], per_view_scores["identity"].argmax(axis=1)
     for views in sets:
-        scores = combine_class_scores([per_view_scores[v] for v in views], average)
-        metrics = classification_metrics(labels, scores.argmax(axis=1), num_classes)
+        pred = combine_class_scores([per_view_scores[v] for v in views], average).argmax(axis=1)
+        metrics = classification_metrics(labels, pred, num_classes)
+        gain, gain_se = paired_balanced_accuracy_gain(labels, identity_pred, pred)
         rows.append({"views": _set_name(views), "n_views": len(views), "balanced_accuracy": metrics["balanced_accuracy"],
-                     "se": metrics["balanced_accuracy_se"]})
-    for row in rows:
-        row["gain"] = row["balanced_accuracy"] - rows[0]["balanced_accuracy"]
-    best = min(range(len(rows)), key=lambda i: (-rows[i]["balanced_accuracy"], rows[i]["n_views"], i))
+                     "se": metrics["balanced_accuracy_se"], "gain": gain, "gain_se": gain_se})
+    eligible = [0] + [i for i in range(1, len(rows)) if rows[i]["gain"] > 0 and rows[i]["gain"] > min_gain_se * rows[i]["gain_se"]]
+    best = min(eligible, key=lambda i: (-rows[i]["balanced_accuracy"], rows[i]["n_views"], i))
     for i, row in enumerate(rows):
         row["chosen"] = i == best
-    if best == 0:
-        reason = "no candidate set beats identity alone on validation"
+    if best != 0:
+        reason = f"beats identity alone on validation by {rows[best]['gain']:+.4f} ± {rows[best]['gain_se']:.4f} balanced accuracy"
+    elif min_gain_se > 0 and any(r["gain"] > 0 for r in rows):
+        reason = f"no candidate set beats identity alone on validation by more than {min_gain_se:g} paired standard errors"
     else:
-        reason = f"beats identity alone on validation by {rows[best]['gain']:+.4f} balanced accuracy"
+        reason = "no candidate set beats identity alone on validation"
     return ViewChoice(list(sets[best]), reason, auto=True, table=rows)

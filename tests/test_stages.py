@@ -220,6 +220,6 @@ def test_infer_chooses_tta_views_on_validation_and_stays_fresh(chain, tmp_path, 
     chosen = [name for name, r in rows.items() if r["chosen"]]
     assert chosen == ["+".join(tta["views"])]
     best = max(r["balanced_accuracy"] for r in rows.values())
-    assert rows[chosen[0]]["balanced_accuracy"] == best and all(0 <= r["se"] < 1 for r in rows.values())
+    assert rows[chosen[0]]["balanced_accuracy"] == best and all(0 <= r["se"] < 1 and r["gain_se"] >= 0 for r in rows.values())
     assert infer.main(argv(chain, *flags, "--run", "again", "--skip-fresh", *FAST)) == 0
     assert "up to date" in capsys.readouterr().out and not (subs / "again").exists()

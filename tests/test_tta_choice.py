@@ -77,6 +77,28 @@ def test_choose_views_takes_the_fewest_views_that_help_and_keeps_identity_otherw
     assert kept.views == ["identity"] and kept.table[0]["views"] == "identity" and kept.table[0]["chosen"]
     assert "no candidate set beats" in kept.reason
 
+    # a small gain (4 more chips right out of 200, paired s.e. about 0.01) passes at 0 s.e., not at 3
+    small = {v: truth + nuisance for v in ("identity", "vflip", "rot180")}
+    small["hflip"] = truth + nuisance
+    fixed = np.flatnonzero(np.argmax(truth + nuisance, axis=1) != labels)[:4]
+    small["hflip"][fixed] = truth[fixed] * 100  # identity+hflip is right on these 4 chips as well
+    assert choose_views(small, labels, CANDIDATES, "logits").views == ["identity", "hflip"]
+    strict = choose_views(small, labels, CANDIDATES, "logits", min_gain_se=3.0)
+    assert strict.views == ["identity"] and "3 paired standard errors" in strict.reason
+    row = next(r for r in strict.table if r["views"] == "identity+hflip")
+    assert row["gain"] == pytest.approx(0.02, abs=0.01) and 0 < row["gain_se"] < row["gain"] < 3 * row["gain_se"]
+
+
+def test_paired_balanced_accuracy_gain_by_hand() -> None:
+    from pipeline.metrics import paired_balanced_accuracy_gain
+
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    a = np.array([0, 1, 1, 0, 1, 0])  # recalls 0.5, 0.5
+    b = np.array([0, 0, 1, 0, 1, 1])  # recalls 0.75, 1.0: per-chip differences (0, 1, 0, 0) and (0, 1)
+    gain, se = paired_balanced_accuracy_gain(labels, a, b)
+    assert gain == pytest.approx((0.25 + 0.5) / 2)
+    assert se == pytest.approx(np.sqrt(0.1875 / 4 + 0.25 / 2) / 2)
+
 
 def test_candidates_are_checked_at_load_and_auto_is_the_default() -> None:
     with pytest.raises(UserError, match=r"infer\.tta\.candidates.*spin"):
