@@ -202,3 +202,21 @@ def test_select_ood_and_infer_fit_the_hypersphere_on_virtual_anomalies(trained, 
     assert summary["ood"]["detector"] == "hypersphere" and summary["ood"]["params"]["steps"] == 30
     detector = load_detector(subs / "hyper" / "ood_detector.npz")
     assert detector.w1.shape[1] == detector.params()["hidden"]
+
+
+def test_select_ood_embeds_with_the_views_infer_chooses(trained, capsys):
+    """infer.tta.views auto: select_ood resolves the views on validation as infer does, and records them."""
+    import json
+
+    from stages import infer, select_ood
+
+    auto = ("--set", "infer.tta.views=auto", "--set", "select_ood.candidates=[energy]")
+    assert select_ood.main(_argv(trained, *auto)) == 0
+    assert "chosen on validation" in capsys.readouterr().out
+    choice = json.loads((trained / "weights" / "ood_choice.json").read_text())
+    subs = trained / "subs"
+    assert infer.main(_argv(trained, *auto, "--submissions", str(subs), "--run", "tta-auto")) == 0
+    summary = json.loads((subs / "tta-auto" / "summary.json").read_text())
+    assert summary["tta"]["auto"] and choice["tta_views"] == summary["tta"]["views"]
+    with np.load(trained / "weights" / "ood_embeddings.npz", allow_pickle=False) as cache:
+        assert list(cache["views"]) == summary["tta"]["views"]
