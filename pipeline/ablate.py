@@ -71,9 +71,11 @@ VARIANTS: dict[str, Variant] = {
                          "the landed KD recipe: T=4, weight 1, no gate, raw teacher features"),
     "no-tta": Variant(("infer.tta.views=[identity]", "infer.tta.scales=[1.0]"), "one view"),
     "tta-flips": Variant(("infer.tta.views=[identity,hflip,vflip,rot180]",), "4 flip/turn views"),
+    "tta-auto": Variant(("infer.tta.views=auto",), "TTA views chosen on validation from infer.tta.candidates"),
     "no-voting": Variant(("infer.cluster.enabled=false",), "cluster voting off"),
     "voting": Variant(("infer.cluster.enabled=true",), "cluster voting on"),
     **{f"ood-{m}": Variant((f"infer.ood.method={m}",), f"OOD score: {m}") for m in OOD_METHODS},
+    "ood-hypersphere": Variant(("infer.ood.method=hypersphere",), "OOD score: hypersphere head trained with virtual anomalies"),
     "pseudo-labels": Variant(("finetune_head.pseudo_labels.enabled=true",), "confident test chips added to the head's training"),
     "no-pseudo-labels": Variant(("finetune_head.pseudo_labels.enabled=false",), "no pseudo-labels"),
     # --- adversarial training (issue: robustness) -----------------------------------------------------
@@ -82,9 +84,14 @@ VARIANTS: dict[str, Variant] = {
                         requires="distill_sar.adversarial.kind"),
     "adv-pgd": Variant(("distill_sar.adversarial.kind=pgd",), "PGD adversarial training",
                        requires="distill_sar.adversarial.kind"),
+    "adv-euc_at": Variant(("distill_sar.adversarial.kind=euc_at",), "EUC_AT: adversarial training + gradient alignment",
+                          requires="distill_sar.adversarial.kind"),
+    "adv-lipschitz": Variant(("distill_sar.adversarial.kind=lipschitz",), "Lipschitz-style regulariser",
+                             requires="distill_sar.adversarial.kind"),
 }
-DEFAULT_VARIANTS = (FULL, "no-kd", "kd", "no-features", "no-tta", "tta-flips", "no-voting", "voting",
-                    *(f"ood-{m}" for m in OOD_METHODS), "pseudo-labels", "no-pseudo-labels", "adv-fgsm", "adv-pgd")
+DEFAULT_VARIANTS = (FULL, "no-kd", "kd", "no-features", "no-tta", "tta-flips", "tta-auto", "no-voting", "voting",
+                    *(f"ood-{m}" for m in OOD_METHODS), "ood-hypersphere", "pseudo-labels", "no-pseudo-labels",
+                    "adv-fgsm", "adv-pgd", "adv-euc_at", "adv-lipschitz")
 CSV_COLUMNS = ("variant", "seed", "val_balanced_accuracy", "test_accuracy", "test_auroc", "test_competition_score",
                "seconds", "student_val_balanced_accuracy", "teacher_val_balanced_accuracy", "test_balanced_accuracy",
                "val_balanced_accuracy_se", "stages_run", "same_as", "exit")

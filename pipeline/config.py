@@ -196,9 +196,20 @@ class FinetuneStageConfig(TrainConfig):
     pseudo_labels: PseudoLabelConfig = Field(default_factory=PseudoLabelConfig)
 
 
+ViewSet = Annotated[list[Literal[VIEWS]], Field(min_length=1)]  # type: ignore[valid-type]
+TTA_CANDIDATES = [["identity"], ["identity", "hflip"], ["identity", "vflip"], ["identity", "hflip", "vflip", "rot180"]]
+
+
 class TTAConfig(Section):
-    views: Annotated[list[Literal[VIEWS]], Field(min_length=1)] = _f(  # type: ignore[valid-type]
-        ["identity"], f"views averaged at test: {' | '.join(VIEWS)} (only views the model was trained to see)"
+    views: Union[ViewSet, Auto] = _f(
+        "auto", f"views averaged at test: a list of {' | '.join(VIEWS)} (only views the model was trained to see), or auto: "
+        "the candidate set with the highest validation balanced accuracy (a multi-view set only if it beats identity alone)"
+    )
+    candidates: Annotated[list[ViewSet], Field(min_length=1)] = _f(
+        TTA_CANDIDATES, "views auto: the view sets compared on the validation split (identity alone is always compared too)"
+    )
+    min_gain_se: NonNegative = _f(
+        1.0, "views auto: a set replaces identity alone only if its validation gain exceeds this many paired standard errors (0: any gain)"
     )
     scales: Annotated[list[Positive], Field(min_length=1)] = _f([1.0], "rescaled views (1.0: chips keep their physical scale)")
     average: Literal["logits", "probs"] = _f("logits", "average logits or probabilities over views")

@@ -1,4 +1,5 @@
-"""Test-time augmentation: the eight flips/90° rotations of a chip at several scales, one forward.
+"""Test-time augmentation: the eight flips/90° rotations of a chip at several scales, one forward;
+and the choice of the views on the validation split (`choose_views`, for infer.tta.views: auto).
 
 A model is any `nn.Module` with `embed(x) -> (B, D)` and `head(emb) -> (B, C)`.
 """
@@ -6,13 +7,17 @@ A model is any `nn.Module` with `embed(x) -> (B, D)` and `head(emb) -> (B, C)`.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.special import logsumexp
 from torch import Tensor, nn
 
 from pipeline.errors import UserError
+from pipeline.metrics import classification_metrics, paired_balanced_accuracy_gain
 
 # The dihedral group of the square: every view a vehicle seen from above can take.
 _VIEWS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -161,3 +166,88 @@ def predict_tta(
     else:  # log of the mean probability, computed stably in log space
         class_scores = torch.logsumexp(torch.log_softmax(logits_all, dim=-1), dim=0) - math.log(n_views)
     return TTAOutput(class_scores=class_scores, embeddings=emb_all.mean(dim=0), logits=mean_logits)
+
+
+# --- views chosen on validation (infer.tta.views: auto) -----------------------------------------------
+
+
+def combine_class_scores(per_view: list[np.ndarray], average: str) -> np.ndarray:
+    """The class scores of a view set from each view's own class scores (each averaged over the same
+    scales), exactly as `predict_tta` would give them for the whole set: the mean of the mean logits, or
+    the log of the mean of the per-view mean probabilities."""
+    if average not in AVERAGE_MODES:
+        raise UserError(f"infer.tta.average '{average}' is invalid: choose one of {', '.join(AVERAGE_MODES)}")
+    stacked = np.stack([np.asarray(s, dtype=np.float64) for s in per_view])
+    if average == "logits":
+        return stacked.mean(axis=0)
+    return logsumexp(stacked, axis=0) - math.log(len(per_view))
+
+
+@dataclass
+class ViewChoice:
+    """The TTA views infer uses, why, and (when chosen on validation) every candidate's score there."""
+
+    views: list[str]
+    reason: str
+    auto: bool = False
+    table: list[dict[str, Any]] = field(default_factory=list)  # one row per candidate set, see `choose_views`
+
+    def record(self) -> dict[str, Any]:
+        """For summary.json."""
+        return {"views": list(self.views), "auto": self.auto, "reason": self.reason, "validation": self.table or None}
+
+    def describe(self) -> str:
+        """One line for the log."""
+        if not self.table:
+            return f"TTA views {'+'.join(self.views)} ({self.reason})"
+        chosen = next(r for r in self.table if r["chosen"])
+        return (f"TTA views {'+'.join(self.views)} chosen on validation: balanced accuracy {chosen['balanced_accuracy']:.4f} "
+                f"± {chosen['se']:.4f} ({self.reason})")
+
+
+def _set_name(views: list[str] | tuple[str, ...]) -> str:
+    return "+".join(views)
+
+
+def choose_views(
+    per_view_scores: dict[str, np.ndarray], labels: np.ndarray, candidates: list[list[str]], average: str,
+    min_gain_se: float = 0.0,
+) -> ViewChoice:
+    """The candidate view set with the highest validation balanced accuracy; ties go to fewer views.
+
+    `per_view_scores[v]`: validation class scores (N, C) of view `v` alone (averaged over the scales);
+    `labels`: the validation labels. Identity alone is always compared, and another set is eligible
+    only if its gain over identity exceeds `min_gain_se` paired standard errors (0: any gain), so a
+    multi-view set is taken only if it beats identity. The table rows: views, n_views,
+    balanced_accuracy, se (its binomial standard error), gain and gain_se (over identity alone, paired),
+    chosen.
+    """
+    for views in candidates:
+        check_views(views)
+    labels = np.asarray(labels, dtype=np.int64)
+    sets: list[tuple[str, ...]] = [("identity",)]
+    for views in candidates:
+        if tuple(views) not in sets:
+            sets.append(tuple(views))
+    missing = sorted({v for s in sets for v in s} - set(per_view_scores))
+    if missing:
+        raise ValueError(f"no validation scores for view(s) {', '.join(missing)}")
+    num_classes = next(iter(per_view_scores.values())).shape[1]
+    rows, identity_pred = [], per_view_scores["identity"].argmax(axis=1)
+    for views in sets:
+        pred = combine_class_scores([per_view_scores[v] for v in views], average).argmax(axis=1)
+        metrics = classification_metrics(labels, pred, num_classes)
+        gain, gain_se = paired_balanced_accuracy_gain(labels, identity_pred, pred)
+        rows.append({"views": _set_name(views), "n_views": len(views), "balanced_accuracy": metrics["balanced_accuracy"],
+                     "se": metrics["balanced_accuracy_se"], "gain": gain, "gain_se": gain_se})
+    eligible = [0] + [i for i in range(1, len(rows)) if rows[i]["gain"] > 0 and rows[i]["gain"] > min_gain_se * rows[i]["gain_se"]]
+    best = min(eligible, key=lambda i: (-rows[i]["balanced_accuracy"], rows[i]["n_views"], i))
+    for i, row in enumerate(rows):
+        row["chosen"] = i == best
+    if best != 0:
+        reason = f"beats identity alone on validation by {rows[best]['gain']:+.4f} ± {rows[best]['gain_se']:.4f} balanced accuracy"
+    elif min_gain_se > 0 and any(r["gain"] > 0 for r in rows):
+        reason = f"no candidate set beats identity alone on validation by more than {min_gain_se:g} paired standard errors"
+    else:
+        reason = "no candidate set beats identity alone on validation"
+    return ViewChoice(list(sets[best]), reason, auto=True, table=rows)

@@ -1,11 +1,12 @@
 """Stage 4: predict the SAR test chips and write a submission folder.
 
-Test-time augmentation averaged in one batched forward per batch; faiss k-means on the test embeddings
-with winner-take-all label correction inside confident, pure clusters (when infer.cluster.enabled); an
-OOD score per chip (higher = more in-distribution) from the detector `infer.ood.method` (knn,
-mahalanobis and vim are fitted once on the training split's TTA-averaged embeddings; auto takes
-stages.select_ood's choice). Writes submissions/<run>/{results.csv, predictions.csv, summary.json,
-ood_detector.npz} and, when the test labels are known, truth.csv and score.json. Last, the run report
+Test-time augmentation averaged in one batched forward per batch (infer.tta.views auto: the candidate
+view set with the best validation balanced accuracy, for the test chips and the OOD detector's fit);
+faiss k-means on the test embeddings with winner-take-all label correction inside confident, pure
+clusters (when infer.cluster.enabled); an OOD score per chip (higher = more in-distribution) from the
+detector `infer.ood.method` (knn, mahalanobis and vim are fitted once on the training split's
+TTA-averaged embeddings; auto takes stages.select_ood's choice). Writes submissions/<run>/{results.csv,
+predictions.csv, summary.json, ood_detector.npz} and, when the test labels are known, truth.csv and score.json. Last, the run report
 (report.html + plots/, pipeline.report); a failing report is a warning, the submission stands.
 """
 
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     model, manifest = load_model(ctx, "sar_final")
     spec, test = manifest["model"], ctx.packed.test_index
     test_ds = data.test_dataset(norm=(spec["norm"]["mean"], spec["norm"]["std"]))
-    ctx.console.print(f"{STAGE}: {len(test_ds)} test chips, {len(cfg.tta.views) * len(cfg.tta.scales)} TTA views")
+    views = "TTA views chosen on validation" if cfg.tta.views == "auto" else f"{len(cfg.tta.views) * len(cfg.tta.scales)} TTA views"
+    ctx.console.print(f"{STAGE}: {len(test_ds)} test chips, {views}")
 
     def training_split() -> tuple[object, np.ndarray]:
         rows, _ = data.train_val_rows("sar")
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = run_inference(model.eval(), test_ds, cfg, detector, ctx.device, seed=ctx.seed,
                         fit_data=training_split, val_data=validation_split)
+    ctx.console.print(f"{STAGE}: {out.tta.describe()}")
     if cfg.cluster.enabled:
         ctx.console.print(f"{STAGE}: " + (f"voting with tau {out.plan.tau:.3f}, k {out.voting.k}, {int(out.plan.eligible.sum())} chips "
                                           f"above the OOD floor" if out.plan.vote else f"no voting: {out.plan.reason}"))
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         "ood": {"method": cfg.ood.method, "detector": detector.name, "params": detector.params(), "state_file": DETECTOR_FILE,
                 "fitted_on_chips": out.fitted_on, "fit_seconds": out.fit_seconds,
                 "choice": None if choice is None else {k: choice.get(k) for k in ("method", "params", "mean_auroc", "time")}},
-        "votes_changed": changed, "voting": voting_record(out), "clusters": int(out.voting.k), "views": len(cfg.tta.views) * len(cfg.tta.scales),
+        "votes_changed": changed, "voting": voting_record(out), "clusters": int(out.voting.k), "views": out.views,
+        "tta": {**out.tta.record(), "seconds": out.tta_seconds},
         "predict_seconds": out.predict_seconds, "images_per_s": len(ids) / max(out.predict_seconds, 1e-9),
         "code_version": code_version(), "weights": str(ctx.weights_dir.resolve()),  # the report's training curves
     }

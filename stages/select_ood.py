@@ -1,6 +1,7 @@
 """Choose the OOD detector on validation data, one training class left out at a time.
 
-Embeds the training and validation splits of weights/sar_final with the infer stage's TTA (cached in
+Embeds the training and validation splits of weights/sar_final with the infer stage's TTA (its views
+chosen on validation as infer chooses them when infer.tta.views is auto; cached in
 weights/ood_embeddings.npz, with virtual anomalies of the training chips when a candidate such as
 hypersphere needs them), then for each class c refits every candidate detector (and, for the ones
 that read logits, a logistic-regression head) without c and measures the AUROC of c's validation
@@ -22,7 +23,7 @@ from rich.table import Table
 from pipeline import distributed
 from pipeline.artifacts import atomic_write, code_version
 from pipeline.errors import UserError, exit_on_user_error
-from pipeline.inference import anomaly_dataset, predict
+from pipeline.inference import anomaly_dataset, predict, resolve_views
 from pipeline.ood import make_detector
 from pipeline.ood.fit import write_choice
 from pipeline.ood.select import best, candidates, leave_one_class_out
@@ -67,16 +68,22 @@ def main(argv: list[str] | None = None) -> int:
 
     def embed() -> dict[str, np.ndarray]:
         model = load_model(ctx, PARENT)[0].eval()
+        val_split = (ctx.data.chip_dataset("sar", val_rows, augment=False), labels[val_rows])
+        resolved = resolve_views(model, infer_cfg, ctx.device, lambda: val_split)  # the views infer will use
+        ctx.console.print(f"{STAGE}: {resolved.choice.describe()}")
         ctx.console.print(f"{STAGE}: embedding {len(train_rows)} training and {len(val_rows)} validation chips with TTA")
-        out = {}
+        out = {"views": np.array(resolved.choice.views)}
         for split, rows in (("train", train_rows), ("val", val_rows)):
-            _, _, emb = predict(model, ctx.data.chip_dataset("sar", rows, augment=False), infer_cfg, ctx.device)
+            if split == "val" and resolved.validation is not None:
+                emb = resolved.validation[2]
+            else:
+                _, _, emb = predict(model, ctx.data.chip_dataset("sar", rows, augment=False), resolved.cfg, ctx.device)
             out[f"{split}_emb"], out[f"{split}_labels"] = emb, labels[rows]
         if anomaly_detector is not None:
             anomalies = anomaly_dataset(anomaly_detector, ctx.data.chip_dataset("sar", train_rows, augment=False),
                                         labels[train_rows], seed=ctx.seed)
             ctx.console.print(f"{STAGE}: embedding {len(anomalies)} virtual anomalies of the training chips with TTA")
-            _, _, out["anomaly_emb"] = predict(model, anomalies, infer_cfg, ctx.device)
+            _, _, out["anomaly_emb"] = predict(model, anomalies, resolved.cfg, ctx.device)
             out["anomaly_source_labels"] = labels[train_rows][anomalies.sources]
         return out
 
@@ -86,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         key["anomalies"] = {"per_chip": anomaly_detector.anomalies_per_chip, "kinds": anomaly_detector.anomaly_kinds,
                             "seed": ctx.seed}
     data = cached_outputs(ctx.weights_dir / CACHE_FILE, key, embed)
+    views = [str(v) for v in data.pop("views")]
 
     names = list(ctx.layout.classes.names)
     results = leave_one_class_out(
@@ -107,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     choice = {
         "method": winner.candidate.method, "params": winner.candidate.params, "label": winner.candidate.label,
         "mean_auroc": winner.mean, "se": winner.se, "model_sha256": model_sha, "split_sha256": key["split_sha256"],
-        "tta": infer_cfg.tta.model_dump(), "ood_config": infer_cfg.ood.model_dump(), "config": ctx.recorded_config,
+        "tta": infer_cfg.tta.model_dump(), "tta_views": views, "ood_config": infer_cfg.ood.model_dump(), "config": ctx.recorded_config,
         "left_out": left_out,
         "table": [{"label": r.candidate.label, "method": r.candidate.method, "params": r.candidate.params,
                    "mean_auroc": r.mean, "se": r.se,

@@ -226,3 +226,21 @@ def test_run_all_runs_select_ood_before_infer_when_the_method_is_auto(trained, t
     choice = json.loads((weights / "ood_choice.json").read_text())
     summary = json.loads(run_all.latest_submission(subs).joinpath("summary.json").read_text())
     assert choice["method"] in ("energy", "msp") and summary["ood"]["detector"] == choice["method"]
+
+
+def test_select_ood_embeds_with_the_views_infer_chooses(trained, capsys):
+    """infer.tta.views auto: select_ood resolves the views on validation as infer does, and records them."""
+    import json
+
+    from stages import infer, select_ood
+
+    auto = ("--set", "infer.tta.views=auto", "--set", "select_ood.candidates=[energy]")
+    assert select_ood.main(_argv(trained, *auto)) == 0
+    assert "chosen on validation" in capsys.readouterr().out
+    choice = json.loads((trained / "weights" / "ood_choice.json").read_text())
+    subs = trained / "subs"
+    assert infer.main(_argv(trained, *auto, "--submissions", str(subs), "--run", "tta-auto")) == 0
+    summary = json.loads((subs / "tta-auto" / "summary.json").read_text())
+    assert summary["tta"]["auto"] and choice["tta_views"] == summary["tta"]["views"]
+    with np.load(trained / "weights" / "ood_embeddings.npz", allow_pickle=False) as cache:
+        assert list(cache["views"]) == summary["tta"]["views"]

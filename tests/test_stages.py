@@ -204,3 +204,22 @@ def test_infer_on_a_flat_2022_style_folder_outside_the_data_root(chain, tmp_path
     capsys.readouterr()
     transfer.main([str(tmp_path / "subs" / "real2022")])
     assert "predicted class shares" in capsys.readouterr().out
+
+
+def test_infer_chooses_tta_views_on_validation_and_stays_fresh(chain, tmp_path, capsys):
+    """infer.tta.views auto: the choice and every candidate's validation score in summary.json; a rerun with
+    --skip-fresh is skipped (the config, not the choice, is the input)."""
+    subs = tmp_path / "subs"
+    flags = ("--set", "infer.tta.views=auto", "--set", "infer.cluster.enabled=false", "--submissions", str(subs))
+    assert infer.main(argv(chain, *flags, "--run", "auto", *FAST)) == 0
+    out = capsys.readouterr().out
+    tta = json.loads((subs / "auto" / "summary.json").read_text())["tta"]
+    assert tta["auto"] and "chosen on validation" in out
+    rows = {r["views"]: r for r in tta["validation"]}
+    assert set(rows) == {"identity", "identity+hflip", "identity+vflip", "identity+hflip+vflip+rot180"}
+    chosen = [name for name, r in rows.items() if r["chosen"]]
+    assert chosen == ["+".join(tta["views"])]
+    best = max(r["balanced_accuracy"] for r in rows.values())
+    assert rows[chosen[0]]["balanced_accuracy"] == best and all(0 <= r["se"] < 1 and r["gain_se"] >= 0 for r in rows.values())
+    assert infer.main(argv(chain, *flags, "--run", "again", "--skip-fresh", *FAST)) == 0
+    assert "up to date" in capsys.readouterr().out and not (subs / "again").exists()
