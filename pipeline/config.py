@@ -234,9 +234,10 @@ class ClusterConfig(Section):
 
 class OODConfig(Section):
     method: Literal[OOD_METHODS + ("auto",)] = _f(  # type: ignore[valid-type]
-        "mahalanobis",
+        "auto",
         "energy | msp | maxlogit (logits, no fitting) | knn | mahalanobis | vim (fitted on the training split's "
-        "embeddings) | hypersphere (also on virtual anomalies of them) | auto (weights/ood_choice.json from stages.select_ood); chosen on MSTAR validation. "
+        "embeddings) | hypersphere (also on virtual anomalies of them) | auto (the default: the detector stages.select_ood "
+        "chose on this model's validation split, weights/ood_choice.json; run_all runs select_ood first). "
         "Higher = more in-distribution",
     )
     temperature: Positive = _f(1.0, "energy and msp: T in T*logsumexp(logits/T) and softmax(logits/T)")

@@ -107,7 +107,7 @@ def test_stage_registry_is_the_one_stage_graph():
         assert parents and all(p in registry.STAGE_OF_ARTIFACT for p in parents)  # every parent is written upstream
     assert artifacts.ARTIFACT_OF_STAGE is registry.ARTIFACT_OF_STAGE
     assert run_all.build_parser().parse_args(["--from", "finetune_head"]).from_stage == "finetune_head"
-    assert run_all.selected_stages(run_all.build_parser().parse_args(["--from", "finetune_head"])) == ["finetune_head", "infer"]
+    assert run_all.selected_stages(run_all.build_parser().parse_args(["--from", "finetune_head"])) == ["finetune_head", "select_ood", "infer"]
 
 
 def test_shared_flags_are_declared_once_and_forwarded_exactly(tmp_path):
