@@ -5,8 +5,9 @@ drawn in both modalities on the same ground patch of EXTENT_M metres:
 - EO: optical top view with paint, glass, open beds, a cast shadow from a per-chip sun, asphalt /
   concrete / grass texture, parking stripes, illumination changes and a mild blur;
 - SAR: radar view from a per-chip look direction: bright dihedrals on the walls facing the sensor,
-  layover of roofs towards it, a radar shadow behind the object, point scatterers, clutter,
-  multiplicative L-look speckle and dB scaling into uint8.
+  layover of roofs towards it, a radar shadow behind the object, point scatterers, textured clutter,
+  all imaged coherently through an elongated impulse response (single-look speckle, blob-like
+  returns) on a canvas wider than the chip, then cropped, and log-like scaling into uint8.
 Each object's random generator derives from (seed, split, index), so the output does not depend on
 the number of worker processes.
 
@@ -34,7 +35,7 @@ import numpy as np
 from pipeline.classes import NUM_OFFICIAL_CLASSES, OFFICIAL_COUNTS, OFFICIAL_NAMES, OOD_LABEL
 from pipeline.errors import UserError, exit_on_user_error
 
-GENERATOR_VERSION = 2  # bump on any change to what the generator draws: run_all regenerates its default dataset
+GENERATOR_VERSION = 3  # bump on any change to what the generator draws: run_all regenerates its default dataset
 EXTENT_M = 12.0  # ground side of every chip in metres, both modalities
 QUICK_TOTAL = 4_000  # training pairs of the quick scale
 FLOOR = 40  # fewest training pairs per class at the quick and integer scales
@@ -44,7 +45,24 @@ TEST_OOD = {"tiny": 3, "quick": 100, "full": 400}  # out-of-distribution test ch
 OOD_KINDS = ("tank", "boat_on_trailer", "excavator")
 MIN_CHIP_SIZE = 8
 EO_SUPERSAMPLE = 3  # polygons are drawn on a grid this many times finer, then area-averaged
+EO_BLUR_M = (0.18, 0.38)  # range of the optical blur (Gaussian sd) in metres
+EO_LOG_EXPOSURE = (-0.2, 0.4)  # mean, sd of the log exposure
+EO_BLACK_LEVEL = (0.03, 0.07)  # range of the camera's black level (0-1 display units)
+EO_NOISE = (1.0, 3.5)  # range of the sd of the sensor noise (grey levels)
 SAR_SUPERSAMPLE = 2
+# SAR: calibrated by eye and with python -m pipeline.data.realism against the real 2022 chips (README, realism)
+SAR_MARGIN = 8  # px of SAR canvas beyond each chip side: clutter, speckle and blur are computed there, then cropped
+SAR_RESOLUTION_PX = ((1.8, 2.2), (0.55, 0.75))  # impulse response: range of its width (px) along its long axis;
+#                                                 range of the ratio across / along (elongated speckle grains)
+SAR_LOOKS = 1  # independent looks averaged into the intensity (1: deep dark speckle nulls, as in the real chips)
+SAR_TEXTURE_DEPTH = (0.8, 1.4)  # range of the sd of the log clutter reflectivity (large-scale texture)
+SAR_TEXTURE_GRAIN_PX = (8.0, 20.0)  # range of the grain (Gaussian sd, px) of that texture
+SAR_CONTRAST_LOG10 = (-0.3, 0.5)  # range of the log10 target-to-clutter ratio
+SAR_DISPLAY_POWER = (0.16, 0.18)  # range of the Box-Cox power of the display mapping (0: log, 0.5: amplitude)
+SAR_DISPLAY_SPREAD = (0.2, 0.012)  # mean, sd of the display contrast (fraction of the level per unit transformed ratio)
+SAR_DISPLAY_LEVEL = (0.39, 0.04)  # mean, sd of the display level of the chip's median intensity (0-1)
+SAR_DISPLAY_TOE = (0.07, 0.08)  # range of the display level below which values are compressed towards 0
+SAR_PIXEL_NOISE = (0.02, 0.03)  # range of the sd of pixel-level display noise (receiver, resampling)
 SAR_SIZE_MIX = {56: 328, 57: 39, 58: 42, 59: 4}  # SAR chip sides in the 413 real 2022 chips (their counts)
 SAR_PX_PER_M = 56 / EXTENT_M  # pixel spacing of the size mix: a 56-px chip spans EXTENT_M
 BLANK_PROBABILITY = 1 / 413  # all-zero SAR chips (one in the real sample)
@@ -595,13 +613,14 @@ def render_eo(shape: Shape, scene: Scene, rng: np.random.Generator, size: int, e
             _fill(refl, _to_px(_rect(-0.35, 0.35, 0.5) + centre_m, px_per_m, centre), rng.uniform(0.6, 1.5))
 
     img = cv2.resize(refl, (size, size), interpolation=cv2.INTER_AREA)
-    img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.22, 0.45) * size / EXTENT_M)
+    img = cv2.GaussianBlur(img, (0, 0), rng.uniform(*EO_BLUR_M) * size / EXTENT_M)
     ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32)
     gx, gy = rng.uniform(-0.12, 0.12, 2)
-    exposure = math.exp(rng.normal(0.0, 0.3))  # cameras and times of day: dark to bright chips
+    exposure = math.exp(rng.normal(*EO_LOG_EXPOSURE))  # cameras and times of day: dark to bright chips
     illum = exposure * (1.0 + gx * ramp[None, :] + gy * ramp[:, None])
-    noise = rng.uniform(1.0, 3.5) * rng.standard_normal((size, size), dtype=np.float32)
-    out = 255.0 * (np.maximum(img * illum + rng.uniform(-0.03, 0.06), 0.0) ** rng.uniform(0.85, 1.15)) + noise
+    noise = rng.uniform(*EO_NOISE) * rng.standard_normal((size, size), dtype=np.float32)
+    black = rng.uniform(*EO_BLACK_LEVEL)  # the camera's black level: even dark chips keep a grey floor
+    out = 255.0 * (black + (1.0 - black) * np.maximum(img * illum, 0.0) ** rng.uniform(0.85, 1.15)) + noise
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
@@ -615,27 +634,56 @@ def sar_chip_size(rng: np.random.Generator) -> int:
     return int(rng.choice(sizes, p=weights / weights.sum()))
 
 
-def _correlated_speckle(rng: np.random.Generator, size: int, looks: int, grain: float) -> np.ndarray:
-    """Mean of `looks` independent intensity speckle fields (unit mean) whose grain is a Gaussian of `grain` px."""
-    field = rng.standard_normal((2 * looks, size, size), dtype=np.float32)
-    total = np.zeros((size, size), np.float32)
-    for k in range(looks):
-        re = cv2.GaussianBlur(field[2 * k], (0, 0), grain, borderType=cv2.BORDER_REFLECT)
-        im = cv2.GaussianBlur(field[2 * k + 1], (0, 0), grain, borderType=cv2.BORDER_REFLECT)
+def _stationary_noise(rng: np.random.Generator, n: int, grain: float) -> np.ndarray:
+    """Gaussian-filtered white noise of unit variance on an n x n grid, equally rough up to its borders.
+
+    Filtered on a margin of three grains that is then cut off, so no border is padded with made-up values."""
+    margin = int(math.ceil(3.0 * grain))
+    white = rng.standard_normal((n + 2 * margin, n + 2 * margin), dtype=np.float32)
+    field = cv2.GaussianBlur(white, (0, 0), grain)[margin: margin + n, margin: margin + n]
+    return field * np.float32(2.0 * math.sqrt(math.pi) * grain)  # the variance of white noise blurred by `grain`
+
+
+def _impulse_response(along: float, across: float, angle: float) -> np.ndarray:
+    """Elliptical Gaussian point-spread function (unit energy) with widths `along` / `across` px, turned by `angle`."""
+    radius = int(math.ceil(3.0 * max(along, across)))
+    yy, xx = np.mgrid[-radius: radius + 1, -radius: radius + 1].astype(np.float32)
+    u = xx * math.cos(angle) + yy * math.sin(angle)
+    v = -xx * math.sin(angle) + yy * math.cos(angle)
+    kernel = np.exp(-0.5 * ((u / along) ** 2 + (v / across) ** 2))
+    return (kernel / np.sqrt((kernel**2).sum())).astype(np.float32)
+
+
+def _focused(rng: np.random.Generator, diffuse: np.ndarray, points: np.ndarray, kernel: np.ndarray,
+             looks: int) -> np.ndarray:
+    """Image intensity of a scene through a coherent radar: `diffuse` reflectivity (random scatterers in every
+    pixel: speckle) plus `points` (strong scatterers of fixed power and random phase), convolved with `kernel`
+    as complex amplitude, squared and averaged over `looks` independent looks."""
+    total = np.zeros_like(diffuse)
+    root_diffuse, root_points = np.sqrt(diffuse / 2.0), np.sqrt(points)
+    for _ in range(looks):
+        phase = rng.uniform(0.0, 2.0 * math.pi, points.shape).astype(np.float32)
+        re = root_diffuse * rng.standard_normal(diffuse.shape, dtype=np.float32) + root_points * np.cos(phase)
+        im = root_diffuse * rng.standard_normal(diffuse.shape, dtype=np.float32) + root_points * np.sin(phase)
+        re = cv2.filter2D(re, -1, kernel, borderType=cv2.BORDER_REFLECT)
+        im = cv2.filter2D(im, -1, kernel, borderType=cv2.BORDER_REFLECT)
         total += re * re + im * im
-    return total / (total.mean() + 1e-12)
+    return total / looks
 
 
 def render_sar(shape: Shape, scene: Scene, rng: np.random.Generator, size: int, extent_m: float = EXTENT_M) -> np.ndarray:
     """Radar view of `shape` in its `scene` (per-chip look direction and depression) as a size x size uint8 chip.
 
-    Clutter and object reflectivity are multiplied by spatially correlated speckle (grain of a few px, as in
-    the oversampled real chips), log-compressed about the chip's median level, so chips have no black floor and
-    a target-to-clutter contrast that varies from plain to barely visible."""
+    The scene's reflectivity (clutter, radar shadows, walls, roofs, dihedral lines, point scatterers) is imaged
+    coherently through an elongated impulse response of a few pixels (the real chips are oversampled), which makes
+    the speckle grain and turns every scatterer into a blob; everything is computed on a canvas SAR_MARGIN px wider
+    on every side, then cropped, so chip borders look like the interior. The intensity is log-compressed about the
+    chip's median level: no black floor, and a target-to-clutter contrast from plain to barely visible."""
     if rng.random() < BLANK_PROBABILITY:  # a dropped chip: all zeros, as in the real data
         return np.zeros((size, size), np.uint8)
-    n = size * SAR_SUPERSAMPLE
-    px_per_m, centre = n / extent_m, (n - 1) / 2
+    canvas = size + 2 * SAR_MARGIN
+    n = canvas * SAR_SUPERSAMPLE
+    px_per_m, centre = size * SAR_SUPERSAMPLE / extent_m, (n - 1) / 2
     look = rng.uniform(0, 2 * math.pi)
     to_sensor = np.array([math.cos(look), math.sin(look)])
     depression = rng.uniform(math.radians(25), math.radians(45))
@@ -643,7 +691,8 @@ def render_sar(shape: Shape, scene: Scene, rng: np.random.Generator, size: int, 
     shadow_per_m = -to_sensor / math.tan(depression)
 
     clutter = 1.0
-    img = np.exp(rng.uniform(0.6, 0.9) * _smooth_noise(rng, n, 7) + rng.uniform(0.7, 1.0) * _smooth_noise(rng, n, 15))
+    texture = rng.uniform(*SAR_TEXTURE_DEPTH) * _stationary_noise(rng, canvas, rng.uniform(*SAR_TEXTURE_GRAIN_PX))
+    img = cv2.resize(np.exp(texture), (n, n), interpolation=cv2.INTER_LINEAR)
     shadow = np.zeros((n, n), np.float32)
     for part in shape.parts:
         _fill(shadow, _to_px(_sweep_hull(part.poly, shadow_per_m * part.z), px_per_m, centre), 1.0)
@@ -652,24 +701,29 @@ def render_sar(shape: Shape, scene: Scene, rng: np.random.Generator, size: int, 
     img *= 1.0 - rng.uniform(0.2, 0.6) * shadow
 
     bright = np.zeros((n, n), np.float32)
-    contrast = 10.0 ** rng.uniform(-0.5, 0.3)  # target-to-clutter ratio: plain to barely visible
+    contrast = 10.0 ** rng.uniform(*SAR_CONTRAST_LOG10)  # target-to-clutter ratio: plain to barely visible
     gain = contrast * math.exp(rng.normal(0.0, 0.35))  # material/aspect strength of this object
     _draw_radar_parts(img, bright, shape, rng, gain * 25.0, to_sensor, layover_per_m, px_per_m, centre)
     _draw_radar_cavities(img, bright, shape, rng, gain * 25.0, clutter * 0.5, to_sensor, layover_per_m, px_per_m, centre)
     _add_point_scatterers(bright, shape, rng, gain * 25.0, layover_per_m, px_per_m, centre)
     _draw_radar_scene(img, bright, scene, rng, to_sensor, layover_per_m, px_per_m, centre)
-    stray = int(rng.poisson(1.5))  # poles, debris around the object
-    _add_points(bright, rng.uniform(-extent_m / 2, extent_m / 2, (stray, 2)), rng.lognormal(math.log(3.0), 1.0, stray),
+    half = canvas / 2 / (size / extent_m)
+    stray = int(rng.poisson(1.5 * (canvas / size) ** 2))  # poles, debris around the object
+    _add_points(bright, rng.uniform(-half, half, (stray, 2)), rng.lognormal(math.log(3.0), 1.0, stray),
                 px_per_m, centre)
 
-    img = cv2.resize(img + bright, (size, size), interpolation=cv2.INTER_AREA) + rng.uniform(0.1, 0.3)  # noise floor
-    img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.8, 1.2), borderType=cv2.BORDER_REFLECT)  # impulse response
-    speckle = _correlated_speckle(rng, size, 5, rng.uniform(0.75, 0.9))
-    ratio = np.maximum(img * speckle, 1e-6) / np.median(img * speckle)
-    power = rng.uniform(0.15, 0.25)  # Box-Cox display: between log (0) and amplitude (0.5), no long dark tail
-    spread = rng.normal(0.14, 0.008)  # display units per unit of the transformed ratio
-    out = rng.normal(0.39, 0.03) + spread * (ratio**power - 1.0) / power
-    toe = rng.uniform(0.06, 0.12)  # display toe: values below it are compressed towards 0, never clipped to a floor
+    diffuse = cv2.resize(img, (canvas, canvas), interpolation=cv2.INTER_AREA) + rng.uniform(0.1, 0.3)  # noise floor
+    points = cv2.resize(bright, (canvas, canvas), interpolation=cv2.INTER_AREA)
+    along = rng.uniform(*SAR_RESOLUTION_PX[0])
+    kernel = _impulse_response(along, along * rng.uniform(*SAR_RESOLUTION_PX[1]), look + rng.normal(0.0, 0.2))
+    power_img = _focused(rng, diffuse, points, kernel, SAR_LOOKS)
+    power_img = power_img[SAR_MARGIN: SAR_MARGIN + size, SAR_MARGIN: SAR_MARGIN + size]
+    ratio = np.maximum(power_img, 1e-6) / np.median(power_img)
+    power = rng.uniform(*SAR_DISPLAY_POWER)  # Box-Cox display: between log (0) and amplitude (0.5), no long dark tail
+    spread = rng.normal(*SAR_DISPLAY_SPREAD)  # display contrast: a fraction of the level per unit of transformed ratio
+    out = rng.normal(*SAR_DISPLAY_LEVEL) * (1.0 + spread * (ratio**power - 1.0) / power)  # darker chips: less spread
+    out += rng.uniform(*SAR_PIXEL_NOISE) * rng.standard_normal((size, size), dtype=np.float32)  # receiver, resampling
+    toe = rng.uniform(*SAR_DISPLAY_TOE)  # display toe: values below it are compressed towards 0, never clipped to a floor
     out = np.where(out < toe, toe * np.exp((np.minimum(out, toe) - toe) / toe), out)
     return np.clip(np.rint(255.0 * out), 0, 255).astype(np.uint8)
 
