@@ -61,6 +61,7 @@ VARIANTS: dict[str, Variant] = {
     "no-kd": Variant(("distill_sar.distill.kd_weight=0",), "no KL term to the EO teacher"),
     "kd": Variant(("distill_sar.distill.kd_weight=0.5",), "KL term to the EO teacher, weight 0.5 (off by default)"),
     "no-features": Variant(("distill_sar.distill.feature_weight=0",), "no feature alignment to the EO teacher"),
+    "features": Variant(("distill_sar.distill.feature_weight=0.5",), "feature alignment to the EO teacher, weight 0.5 (off by default)"),
     "no-distill": Variant(("distill_sar.distill.kd_weight=0", "distill_sar.distill.feature_weight=0"),
                           "SAR student on labels alone (teacher unused)"),
     "kd-gate-none": Variant(("distill_sar.distill.gate=none",), "KD on every pair"),
@@ -89,7 +90,7 @@ VARIANTS: dict[str, Variant] = {
     "adv-lipschitz": Variant(("distill_sar.adversarial.kind=lipschitz",), "Lipschitz-style regulariser",
                              requires="distill_sar.adversarial.kind"),
 }
-DEFAULT_VARIANTS = (FULL, "no-kd", "kd", "no-features", "no-tta", "tta-flips", "tta-auto", "no-voting", "voting",
+DEFAULT_VARIANTS = (FULL, "no-kd", "kd", "no-features", "features", "no-tta", "tta-flips", "tta-auto", "no-voting", "voting",
                     *(f"ood-{m}" for m in OOD_METHODS), "ood-hypersphere", "pseudo-labels", "no-pseudo-labels",
                     "adv-fgsm", "adv-pgd", "adv-euc_at", "adv-lipschitz")
 CSV_COLUMNS = ("variant", "seed", "val_balanced_accuracy", "test_accuracy", "test_auroc", "test_competition_score",

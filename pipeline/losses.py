@@ -322,6 +322,11 @@ class DistillationLoss(nn.Module):
             else None
         )
 
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether any term reads the teacher (KD or feature alignment); if not, its forward can be skipped."""
+        return self.kd_weight > 0 or self.alignment is not None
+
     def forward(
         self,
         student_logits: Tensor,

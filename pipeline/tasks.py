@@ -96,9 +96,11 @@ class DistillTask:
 
     def loss(self, batch: dict[str, Tensor], module: nn.Module | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         (logits, emb), oe = forward_with_outliers(module or self.wrapper, batch["sar"], batch["label"], self.outlier_exposure)
-        with torch.no_grad():
-            t_emb = self.teacher.embed(batch["eo"])
-            t_logits = self.teacher.head(t_emb)
+        t_emb = t_logits = None
+        if self.wrapper.criterion.uses_teacher:  # kd_weight and feature_weight 0: the teacher's forward is skipped
+            with torch.no_grad():
+                t_emb = self.teacher.embed(batch["eo"])
+                t_logits = self.teacher.head(t_emb)
         total, parts = self.wrapper.criterion(logits, emb, t_logits, t_emb, batch["label"], batch["has_eo"])
         if oe is not None:
             total, parts = total + oe, {**parts, "oe": oe.detach()}

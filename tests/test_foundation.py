@@ -40,7 +40,7 @@ def test_profiles_resolve_to_the_one_schema(profile):
 
 def test_defaults_live_in_the_schema_and_profiles_only_say_what_differs(tmp_path):
     assert config.load_config("quick") == config.Config()  # quick is the defaults
-    assert config.Config().distill_sar.distill.feature_weight == 0.5  # one default, no second copy in code
+    assert config.Config().distill_sar.distill.feature_weight == 0.0  # one default, no second copy in code
     full = config.load_config("full")
     assert full.distill_sar.epochs == 40 and full.data.resident and full.model == config.Config().model
     described = config.describe(full)

@@ -339,6 +339,22 @@ def test_distill_task_trains_student_and_projection(tmp_path) -> None:
     assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
 
 
+def test_distill_task_skips_the_teacher_when_no_term_reads_it() -> None:
+    teacher, student = _model(seed=5), _model(seed=6)
+    calls = []
+    teacher.register_forward_pre_hook(lambda module, args: calls.append(1))
+    teacher.embed = lambda x, _embed=teacher.embed: calls.append(1) or _embed(x)
+    batch = {"sar": torch.randn(4, 1, 24, 24), "eo": torch.randn(4, 1, 24, 24), "label": torch.tensor([0, 1, 2, 0]),
+             "has_eo": torch.ones(4, dtype=torch.bool)}
+    for kd, feat, reads in ((0.0, 0.0, False), (1.0, 0.0, True), (0.0, 0.5, True)):
+        cfg = DistillConfig.model_validate({"kd_weight": kd, "feature_weight": feat})
+        criterion = DistillationLoss(FocalLoss(gamma=2.0), cfg, student.embed_dim, teacher.embed_dim)
+        calls.clear()
+        total, parts = DistillTask(student, teacher, criterion).loss(batch)
+        assert criterion.uses_teacher is reads and bool(calls) is reads
+        assert torch.isfinite(total) and ("kd" in parts) is (kd > 0) and ("feat" in parts) is (feat > 0)
+
+
 def test_head_task_on_embeddings_leaves_the_backbone_alone(tmp_path) -> None:
     model = _model()
     frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("classifier.")}
