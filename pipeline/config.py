@@ -142,9 +142,14 @@ class DistillConfig(Section):
     feature_weight: NonNegative = _f(
         0.0, "weight of the feature-alignment term; 0 = off, the default: on the quick v2 replica over 3 seeds it changed validation "
         "balanced accuracy by +0.001 +- 0.008 (README, Ablation), no gain larger than its s.e.; 0.5 to turn it on. With kd_weight "
-        "0 too, the teacher's forward is skipped"
+        "0 too, no term reads the EO teacher: pretrain_eo skips and distill_sar trains on SAR labels alone"
     )
     feature_loss: Literal["cosine", "mse"] = _f("cosine", "cosine | mse")
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether any term reads the EO teacher (KD or feature alignment)."""
+        return self.kd_weight > 0 or self.feature_weight > 0
 
 
 class OutlierExposureConfig(Section):

@@ -316,16 +316,13 @@ class DistillationLoss(nn.Module):
         self.supervised_weight = distill_cfg.supervised_weight
         self.feature_weight = distill_cfg.feature_weight
         self.gate = distill_cfg.gate
+        self.uses_teacher = distill_cfg.uses_teacher  # if not, the task skips the teacher's forward
         self.alignment = (
             FeatureAlignment(student_dim, teacher_dim, distill_cfg.feature_loss, distill_cfg.feature_norm)
             if self.feature_weight > 0
             else None
         )
 
-    @property
-    def uses_teacher(self) -> bool:
-        """Whether any term reads the teacher (KD or feature alignment); if not, its forward can be skipped."""
-        return self.kd_weight > 0 or self.alignment is not None
 
     def forward(
         self,

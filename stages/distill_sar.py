@@ -4,7 +4,8 @@ Loss = supervised focal/CE on SAR labels + kd_weight * T^2 * KL(teacher_T || stu
 the teacher (`distill.gate`: none | correct | confidence), + feature_weight * alignment of the student's
 projected embedding to the teacher's (centred and standardised with `distill.feature_norm`). Both chips of a pair get the same
 geometric augmentation. Writes weights/sar_student.* with the teacher's sha256 in its manifest.
-On a SAR-only dataset the student trains on labels alone. Options: LogitNorm (distill_sar.loss.logit_norm),
+On a SAR-only dataset, or when no term reads the teacher (kd_weight and feature_weight 0, the default), the student
+trains on SAR labels alone. Options: LogitNorm (distill_sar.loss.logit_norm),
 outlier exposure with virtual anomalies of each batch (distill_sar.outlier_exposure.weight > 0),
 adversarial training on attacked SAR chips (distill_sar.adversarial, pipeline.robust.training) and
 freezing early pretrained layers (distill_sar.freeze_layers).
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     adversarial = AdversarialSettings.from_config(cfg.adversarial.model_dump(by_alias=True))  # joint rules, before training
     if cfg.freeze_layers and not ctx.cfg.model.init_weights:
         raise UserError("distill_sar.freeze_layers keeps pretrained layers fixed: set model.init_weights, or freeze_layers 0")
-    with_teacher = ctx.layout.has_eo
+    with_teacher = ctx.layout.has_eo and cfg.distill.uses_teacher
     parents = {TEACHER: parent_digest(ctx, TEACHER)} if with_teacher else {}
     if ctx.skip_if_fresh("sar_student", parents):
         return 0
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         ctx.console.print(f"{STAGE}: distilling {TEACHER} into a SAR student (T={d.temperature}, kd_weight={d.kd_weight}, "
                           f"gate={d.gate}, feature_weight={d.feature_weight}, feature_norm={d.feature_norm})")
     else:
-        ctx.console.print(f"{STAGE}: SAR-only dataset: no teacher; training the SAR model on labels alone")
+        why = "SAR-only dataset" if not ctx.layout.has_eo else "kd_weight and feature_weight are 0"
+        ctx.console.print(f"{STAGE}: {why}: no teacher; training the SAR model on labels alone")
         task = ClassifierTask(student, supervised, outlier_exposure=exposure)
         train_loader = data.train_batches(train_rows, "sar", cfg)
         val_ds = data.chip_dataset("sar", val_rows, augment=False)

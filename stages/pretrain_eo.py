@@ -27,6 +27,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         ctx.report(skipped="no EO chips")
         return 0
+    if not ctx.cfg.distill_sar.distill.uses_teacher:
+        ctx.console.print(
+            f"{STAGE}: distill_sar.distill.kd_weight and feature_weight are 0, so no term reads an EO teacher; "
+            "nothing trained. distill_sar will train the SAR model on labels alone."
+        )
+        ctx.report(skipped="EO teacher unused")
+        return 0
     if ctx.skip_if_fresh("eo_teacher", parents={}):
         return 0
 

@@ -50,6 +50,19 @@ def test_distill_without_teacher_names_pretrain_eo(tiny, capsys, tmp_path):
     assert "stages.pretrain_eo" in error_line(capsys)
 
 
+def test_without_kd_and_features_no_teacher_is_trained_or_read(tiny, capsys, tmp_path):
+    """kd_weight and feature_weight 0: pretrain_eo trains nothing and distill_sar trains on SAR labels alone."""
+    off = ("--weights", str(tmp_path / "w"), "--set", "distill_sar.distill.kd_weight=0",
+           "--set", "distill_sar.distill.feature_weight=0")
+    assert pretrain_eo.main(argv(tiny, *off)) == 0
+    assert "no term reads an EO teacher" in capsys.readouterr().out
+    assert not (tmp_path / "w" / "eo_teacher.safetensors").exists()
+    assert distill_sar.main(argv(tiny, *off)) == 0  # no eo_teacher needed (with KD on it stops, test above)
+    assert "no teacher; training the SAR model on labels alone" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "w" / "sar_student.json").read_text())
+    assert manifest["parents"] == {} and not manifest["distilled"]
+
+
 def assert_plain_log(out: str, epochs: int) -> None:
     """stdout is not a terminal here: one plain line per epoch, no blank lines, no table cell cut short."""
     lines = out.splitlines()
