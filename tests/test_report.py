@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import shutil
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -207,20 +206,17 @@ def test_report_without_truth_has_no_truth_only_plots(tiny_runs):
     assert "not known" in (run / "report.html").read_text()
 
 
-def test_rebuild_is_fast_keeps_the_submission_and_takes_ablation_and_robustness(tiny_runs, tmp_path, capsys):
+def test_rebuild_keeps_the_submission_and_takes_ablation_and_robustness(tiny_runs, tmp_path, capsys):
     run = tiny_runs / "subs" / "voted"
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "report.html"}
     ablation = tmp_path / "abl.csv"
     ablation.write_text("variant,seed,val balanced accuracy,test accuracy,AUROC,score,seconds\n"
                         "base,0,0.5,0.5,0.7,0.55,3\nbase,1,0.6,0.55,0.72,0.6,3\nno_kd,0,0.4,0.45,0.6,0.49,2\n")
     (run / "robustness.csv").write_text("artifact,split,attack,eps,accuracy\nsar_final,val,fgsm,0,0.6\nsar_final,val,fgsm,0.03,0.3\n")
-    try:
-        start = time.perf_counter()
+    try:  # (its time is printed by the stage and belongs in a benchmark, not in a test)
         assert report_stage.main(["--submission", str(run), "--profile", "tiny", "--ablation", str(ablation)]) == 0
-        seconds = time.perf_counter() - start
     finally:
         (run / "robustness.csv").unlink()
-    assert seconds < 60, f"report took {seconds:.1f} s"  # a few seconds; generous for a machine shared by many jobs
     assert f"wrote {run / 'report.html'}" in capsys.readouterr().out
     images = parse(run / "report.html")
     assert {"ablation", "robustness_0"} <= set(images)
