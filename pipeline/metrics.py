@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -78,6 +77,8 @@ def auroc(is_in_distribution: np.ndarray, score: np.ndarray) -> float:
     labels = np.asarray(is_in_distribution, dtype=bool)
     if labels.all() or not labels.any():
         return float("nan")
+    from sklearn.metrics import roc_auc_score  # here, not at import: sklearn adds seconds to every stage's start
+
     return float(roc_auc_score(labels, np.asarray(score, dtype=np.float64)))
 
 

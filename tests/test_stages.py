@@ -128,8 +128,8 @@ def test_missing_sar_final_names_finetune_head(tiny, capsys, tmp_path):
     assert "stages.finetune_head" in error_line(capsys)
 
 
-def test_sar_only_path_on_mstar(mstar_root, tmp_path, capsys):
-    args = ["--data", str(mstar_root), "--profile", "tiny", "--weights", str(tmp_path / "w"),
+def test_sar_only_path_on_mstar(mstar_subset, tmp_path, capsys):
+    args = ["--data", str(mstar_subset), "--profile", "tiny", "--weights", str(tmp_path / "w"),
             "--cache-dir", str(tmp_path / "cache"), "--holdout-classes", "BTR60,ZIL131",
             "--set", "pretrain_eo.steps_per_epoch=2", "--set", "distill_sar.steps_per_epoch=4"]
     assert pretrain_eo.main(args) == 0

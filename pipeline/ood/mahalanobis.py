@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn.covariance import ledoit_wolf_shrinkage
 
 from pipeline.config import OODConfig
 from pipeline.errors import UserError
@@ -70,6 +69,8 @@ class MahalanobisDetector(OODDetector):
         self.means = np.stack([x[y == c].mean(axis=0) for c in self.classes])
         centred = x - self.means[np.searchsorted(self.classes, y)]
         cov = centred.T @ centred / len(x)
+        from sklearn.covariance import ledoit_wolf_shrinkage  # here, not at import: sklearn is slow to import
+
         s = ledoit_wolf_shrinkage(centred, assume_centered=True) if self.shrinkage == "auto" else self.shrinkage
         target = np.trace(cov) / cov.shape[0]
         shrunk = (1.0 - s) * cov + s * target * np.eye(cov.shape[0])
