@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.artifacts import ARTIFACT_OF_STAGE, ArtifactPaths
+from pipeline.submission import latest_submission
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEST_KEYS = ("accuracy", "balanced_accuracy", "auroc", "competition_score")
@@ -68,14 +69,6 @@ def _manifest_stamps(weights: Path) -> dict[str, int]:
     return stamps
 
 
-def _latest_submission(submissions: Path) -> Path | None:
-    pointer = submissions / "latest.txt"
-    if not pointer.is_file():
-        return None
-    run = submissions / pointer.read_text().strip()
-    return run if run.is_dir() else None
-
-
 def run_all_command(options: RunOptions, overrides: list[str], seed: int, weights: Path, submissions: Path,
                     force: bool) -> list[str]:
     """The run_all command line of one run; without `force`, stages whose artifacts are up to date are skipped."""
@@ -114,7 +107,7 @@ def run_pipeline(options: RunOptions, overrides: list[str], seed: int, weights: 
     seconds = time.perf_counter() - start
     after = _manifest_stamps(weights)
     stages_run = [stage for stage in ARTIFACT_OF_STAGE if after[stage] != before[stage] and after[stage] != -1]
-    submission = _latest_submission(submissions) if rc == 0 else None
+    submission = latest_submission(submissions) if rc == 0 else None
     if submission is not None and submission.name not in known_subs:
         stages_run.append("infer")
     metrics = {

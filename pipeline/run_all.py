@@ -34,6 +34,7 @@ from pipeline.ood.fit import choice_path
 from pipeline.config import load_config
 from pipeline.registry import ARTIFACT_OF_STAGE, PIPELINE, TRAINING_STAGES
 from pipeline.status import read_status
+from pipeline.submission import latest_submission
 
 ROBUSTNESS_STAGE, ROBUSTNESS_ARTIFACT = "robustness", "sar_final"  # run after infer when robustness.enabled
 SELECT_OOD_STAGE = "select_ood"  # run before infer when infer.ood.method is auto
@@ -211,14 +212,6 @@ def stage_output_stamp(stage: str, args: argparse.Namespace) -> tuple[int, str] 
         return (0, pointer.read_text()) if pointer.is_file() else None  # a new run has a new name
     path = ArtifactPaths.of(args.weights, ARTIFACT_OF_STAGE[stage]).manifest
     return (path.stat().st_mtime_ns, "") if path.is_file() else None
-
-
-def latest_submission(submissions: Path) -> Path | None:
-    pointer = submissions / "latest.txt"
-    if not pointer.is_file():
-        return None
-    run = submissions / pointer.read_text().strip()
-    return run if run.is_dir() else None
 
 
 @exit_on_user_error

@@ -133,6 +133,15 @@ def mark_latest(submissions: Path, run_dir: Path) -> None:
     atomic_write_text(submissions / "latest.txt", run_dir.name + "\n")
 
 
+def latest_submission(submissions: Path) -> Path | None:
+    """The submission folder <submissions>/latest.txt names, if it exists."""
+    pointer = submissions / "latest.txt"
+    if not pointer.is_file():
+        return None
+    run = submissions / pointer.read_text().strip()
+    return run if run.is_dir() else None
+
+
 def write_submission(
     run_dir: Path,
     results: pd.DataFrame,

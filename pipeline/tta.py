@@ -211,7 +211,7 @@ def _set_name(views: list[str] | tuple[str, ...]) -> str:
 
 def choose_views(
     per_view_scores: dict[str, np.ndarray], labels: np.ndarray, candidates: list[list[str]], average: str,
-    min_gain_se: float = 0.0,
+    min_gain_se: float,
 ) -> ViewChoice:
     """The candidate view set with the highest validation balanced accuracy; ties go to fewer views.
 

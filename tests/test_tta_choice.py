@@ -63,7 +63,7 @@ def test_choose_views_takes_the_fewest_views_that_help_and_keeps_identity_otherw
     truth = np.eye(4)[labels]
     nuisance = rng.normal(0, 1, (200, 4)) * 2
     helps = {"identity": truth + nuisance, "hflip": truth - nuisance, "vflip": truth + nuisance, "rot180": truth - nuisance}
-    choice = choose_views(helps, labels, CANDIDATES, "logits")
+    choice = choose_views(helps, labels, CANDIDATES, "logits", min_gain_se=0.0)
     assert choice.views == ["identity", "hflip"]  # the 4-view set ties at 1.0 with more views
     rows = {r["views"]: r for r in choice.table}
     assert rows["identity+hflip"]["balanced_accuracy"] == 1.0 and rows["identity+hflip+vflip+rot180"]["balanced_accuracy"] == 1.0
@@ -73,7 +73,7 @@ def test_choose_views_takes_the_fewest_views_that_help_and_keeps_identity_otherw
 
     noise = {v: truth + rng.normal(0, 1, (200, 4)) * 2 for v in ("identity", "hflip", "vflip", "rot180")}
     noise["identity"] = truth + 0.1 * rng.normal(0, 1, (200, 4))  # identity alone is right; the others only add noise
-    kept = choose_views(noise, labels, CANDIDATES[1:], "probs")  # identity is compared even when not listed
+    kept = choose_views(noise, labels, CANDIDATES[1:], "probs", min_gain_se=1.0)  # identity is compared even when not listed
     assert kept.views == ["identity"] and kept.table[0]["views"] == "identity" and kept.table[0]["chosen"]
     assert "no candidate set beats" in kept.reason
 
@@ -82,7 +82,7 @@ def test_choose_views_takes_the_fewest_views_that_help_and_keeps_identity_otherw
     small["hflip"] = truth + nuisance
     fixed = np.flatnonzero(np.argmax(truth + nuisance, axis=1) != labels)[:4]
     small["hflip"][fixed] = truth[fixed] * 100  # identity+hflip is right on these 4 chips as well
-    assert choose_views(small, labels, CANDIDATES, "logits").views == ["identity", "hflip"]
+    assert choose_views(small, labels, CANDIDATES, "logits", min_gain_se=0.0).views == ["identity", "hflip"]
     strict = choose_views(small, labels, CANDIDATES, "logits", min_gain_se=3.0)
     assert strict.views == ["identity"] and "3 paired standard errors" in strict.reason
     row = next(r for r in strict.table if r["views"] == "identity+hflip")
