@@ -32,7 +32,8 @@ NonNegative = Annotated[float, Field(ge=0.0)]
 Positive = Annotated[float, Field(gt=0.0)]
 Auto = Literal["auto"]
 
-VIEWS = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "transverse")
+VIEWS = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "transverse",
+         "shift_up", "shift_down", "shift_left", "shift_right")
 OOD_METHODS = ("energy", "msp", "maxlogit", "knn", "mahalanobis", "vim", "hypersphere")
 ANOMALY_KINDS = ("cutpaste", "shuffle", "mix")  # pipeline/ood/anomalies.py
 
@@ -172,6 +173,9 @@ class AdversarialConfig(Section):
     step_size: Union[Positive, Auto] = _f("auto", "step as a fraction of eps, or auto")
     fraction: Annotated[float, Field(gt=0.0, le=1.0)] = _f(1.0, "share of each batch attacked (or penalised)")
     lambda_: NonNegative = Field(0.8, alias="lambda", description="euc_at / lipschitz: weight of the extra term")
+    ramp_epochs: Annotated[int, Field(ge=0)] = _f(
+        0, "eps and lambda grow linearly over the first N epochs (epoch e of N uses (e+1)/N of them); 0 = full strength from the start"
+    )
 
 
 class DistillStageConfig(TrainConfig):
@@ -206,7 +210,8 @@ class FinetuneStageConfig(TrainConfig):
 
 
 ViewSet = Annotated[list[Literal[VIEWS]], Field(min_length=1)]  # type: ignore[valid-type]
-TTA_CANDIDATES = [["identity"], ["identity", "hflip"], ["identity", "vflip"], ["identity", "hflip", "vflip", "rot180"]]
+TTA_CANDIDATES = [["identity"], ["identity", "hflip"], ["identity", "vflip"], ["identity", "hflip", "vflip", "rot180"],
+                  ["identity", "shift_up", "shift_down", "shift_left", "shift_right"]]
 
 
 class TTAConfig(Section):

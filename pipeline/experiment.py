@@ -91,7 +91,7 @@ def run_pipeline(options: RunOptions, overrides: list[str], seed: int, weights: 
     """Run the four stages into `weights` / `submissions` (stdout to `log`) and collect the run's figures.
 
     Figures: validation balanced accuracy (and its s.e.) of sar_final, of sar_student and of eo_teacher
-    from their manifests; accuracy, balanced accuracy, AUROC and competition score of the new (or
+    from their manifests, and sar_final's validation NLL; accuracy, balanced accuracy, AUROC and competition score of the new (or
     re-confirmed) submission. `stages_run` names the stages whose artifact changed (infer: a new
     submission folder), so a caller can see what was reused.
     """
@@ -113,6 +113,7 @@ def run_pipeline(options: RunOptions, overrides: list[str], seed: int, weights: 
     metrics = {
         "val_balanced_accuracy": manifest_metric(weights, "sar_final", "balanced_accuracy"),
         "val_balanced_accuracy_se": manifest_metric(weights, "sar_final", "balanced_accuracy_se"),
+        "val_nll": manifest_metric(weights, "sar_final", "loss"),  # finer than accuracy when that is near 1
         "student_val_balanced_accuracy": manifest_metric(weights, "sar_student", "balanced_accuracy"),
         "teacher_val_balanced_accuracy": manifest_metric(weights, "eo_teacher", "balanced_accuracy"),
     }

@@ -453,6 +453,9 @@ class _Trainer:
         """Mean loss parts, the lr of the last step, images/s."""
         _set_epoch(train_loader, self.epoch)
         _seed_epoch(self.seed, self.epoch)
+        start_epoch = getattr(self.task, "start_epoch", None)
+        if start_epoch is not None:  # tasks with a schedule of their own (adversarial ramp)
+            start_epoch(self.epoch)
         self.task.train_mode()
         stats = _StepStats(self.device)
         images, shown, means = 0, "", {}

@@ -19,7 +19,40 @@ from torch import Tensor, nn
 from pipeline.errors import UserError
 from pipeline.metrics import classification_metrics, paired_balanced_accuracy_gain
 
-# The dihedral group of the square: every view a vehicle seen from above can take.
+# Shift views move the chip's content by this fraction of its side (at least 1 px): 3 px of a 100-px
+# MSTAR pack (88-px window + 6-px margin), 2 px of a 63-px competition SAR pack. Within the training
+# translation margin, so these windows are ones the model was trained on.
+SHIFT_FRACTION = 0.03
+
+
+def shift(x: Tensor, dy: int, dx: int) -> Tensor:
+    """`x` (..., H, W) with its content moved down `dy` and right `dx` px (negative: up / left); the
+    uncovered border is reflected, so no wrapped-around pixels enter a centred window."""
+    h, w = x.shape[-2:]
+    if abs(dy) >= h or abs(dx) >= w:
+        raise ValueError(f"shift ({dy}, {dx}) px does not fit a {h}x{w} image")
+    padded = _reflect_pad_by(x, max(dy, 0), max(-dy, 0), max(dx, 0), max(-dx, 0))
+    top, left = max(-dy, 0), max(-dx, 0)
+    return padded[..., top : top + h, left : left + w]
+
+
+def _reflect_pad_by(x: Tensor, top: int, bottom: int, left: int, right: int) -> Tensor:
+    if top == bottom == left == right == 0:
+        return x
+    mode = "reflect" if min(x.shape[-2:]) > max(top, bottom, left, right) else "replicate"
+    flat = x.reshape(-1, 1, *x.shape[-2:])
+    return F.pad(flat, (left, right, top, bottom), mode=mode).reshape(*x.shape[:-2], x.shape[-2] + top + bottom, x.shape[-1] + left + right)
+
+
+def _shift_view(dy: int, dx: int) -> Callable[[Tensor], Tensor]:
+    def view(x: Tensor) -> Tensor:
+        step = max(1, round(SHIFT_FRACTION * min(x.shape[-2:])))
+        return shift(x, dy * step, dx * step)
+    return view
+
+
+# The dihedral group of the square (every view a vehicle seen from above can take), and four small
+# translations (radar geometry unchanged: the views to use when flips are not trained).
 _VIEWS: dict[str, Callable[[Tensor], Tensor]] = {
     "identity": lambda x: x,
     "hflip": lambda x: x.flip(-1),  # mirror left-right
@@ -29,8 +62,14 @@ _VIEWS: dict[str, Callable[[Tensor], Tensor]] = {
     "rot270": lambda x: torch.rot90(x, 3, dims=(-2, -1)),
     "transpose": lambda x: x.transpose(-2, -1),  # mirror about the main diagonal
     "transverse": lambda x: x.flip(-2, -1).transpose(-2, -1),  # mirror about the anti-diagonal
+    "shift_up": _shift_view(-1, 0),
+    "shift_down": _shift_view(1, 0),
+    "shift_left": _shift_view(0, -1),
+    "shift_right": _shift_view(0, 1),
 }
 VIEW_NAMES = tuple(_VIEWS)
+SHIFT_VIEWS = tuple(v for v in VIEW_NAMES if v.startswith("shift_"))
+DIHEDRAL_VIEWS = tuple(v for v in VIEW_NAMES if v not in SHIFT_VIEWS)
 # Views that swap height and width (need square inputs to be batched with the others).
 _SWAPS_AXES = frozenset({"rot90", "rot270", "transpose", "transverse"})
 AVERAGE_MODES = ("logits", "probs")

@@ -170,6 +170,31 @@ def test_adversarial_settings_check_every_key() -> None:
             validate_config({"distill_sar": {"adversarial": section}})
 
 
+def test_ramp_grows_eps_and_lambda_linearly_then_holds() -> None:
+    s = AdversarialSettings.from_config({"kind": "euc_at", "eps": 4, "lambda": 0.8, "ramp_epochs": 4})
+    assert [round(s.at_epoch(e).eps * 255, 6) for e in range(6)] == [1.0, 2.0, 3.0, 4.0, 4.0, 4.0]
+    assert [round(s.at_epoch(e).weight, 6) for e in range(5)] == [0.2, 0.4, 0.6, 0.8, 0.8]
+    assert s.at_epoch(0).step() == pytest.approx(s.step() / 4)  # the step follows eps
+    assert AdversarialSettings.from_config({"kind": "pgd", "eps": 4}).at_epoch(0).eps == pytest.approx(4 / 255)
+    assert "ramped up over 4 epochs" in s.describe()
+    with pytest.raises(UserError, match="distill_sar.adversarial.ramp_epochs"):
+        validate_config({"distill_sar": {"adversarial": {"kind": "pgd", "ramp_epochs": -1}}})
+
+
+def test_adversarial_task_attacks_with_the_ramped_eps_of_its_epoch() -> None:
+    torch.manual_seed(0)
+    norm = (0.4, 0.2)
+    x01 = torch.rand(8, 1, 16, 16) * 0.8 + 0.1
+    batch = {"image": (x01 - norm[0]) / norm[1], "label": torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])}
+    inner = _Spy(create_model("aconvnet", num_classes=3, intensity="standardize"), nn.CrossEntropyLoss())
+    task = with_adversarial(inner, AdversarialSettings.from_config({"kind": "pgd", "eps": 8, "steps": 2, "ramp_epochs": 4}), norm)
+    for epoch, eps in ((0, 2 / 255), (5, 8 / 255)):
+        task.start_epoch(epoch)
+        task.loss(batch, task.module)
+        moved = (inner.seen * norm[1] + norm[0] - x01).abs().max().item()
+        assert eps / 2 < moved <= eps + 1e-5
+
+
 class _Spy(ClassifierTask):
     """A ClassifierTask that remembers the chips its loss saw."""
 

@@ -437,3 +437,13 @@ def test_log_not_a_terminal_one_line_per_epoch_and_whole_tables(tmp_path, capsys
         assert cells[0].rstrip(" *") == str(row["epoch"])
         assert f"{row['train_kd']:.4f}" in cells and f"{row['lr']:.2e}" in cells
         assert f"{row['val_macro_f1']:.4f}" in cells and f"{row['epoch_seconds']:.1f}" in cells
+
+
+def test_fit_tells_a_scheduled_task_each_epoch_it_starts(tmp_path) -> None:
+    class Scheduled(ClassifierTask):
+        def start_epoch(self, epoch: int) -> None:
+            self.started = [*getattr(self, "started", []), epoch]
+
+    task = Scheduled(_model(), FocalLoss(gamma=0.0))
+    _fit(task, tmp_path, _cfg(epochs=3))
+    assert task.started == [0, 1, 2]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
-from pipeline.tta import VIEW_NAMES, apply_view, predict_tta, rescale
+from pipeline.tta import DIHEDRAL_VIEWS, SHIFT_VIEWS, VIEW_NAMES, apply_view, predict_tta, rescale, shift
 
 
 class PoolModel(nn.Module):
@@ -61,7 +61,7 @@ def _images(batch: int = 3, size: int = 8, seed: int = 0) -> torch.Tensor:
     return torch.rand(batch, 1, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("view", VIEW_NAMES)
+@pytest.mark.parametrize("view", DIHEDRAL_VIEWS)
 def test_apply_view_matches_numpy(view: str) -> None:
     x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4)
     expected = np.ascontiguousarray(NUMPY_VIEWS[view](x.numpy()))
@@ -70,8 +70,33 @@ def test_apply_view_matches_numpy(view: str) -> None:
 
 def test_views_are_the_eight_distinct_symmetries_of_the_square() -> None:
     x = torch.arange(16, dtype=torch.float32).reshape(1, 1, 4, 4)
-    outputs = {tuple(apply_view(x, v).flatten().tolist()) for v in VIEW_NAMES}
-    assert len(outputs) == len(VIEW_NAMES) == 8
+    outputs = {tuple(apply_view(x, v).flatten().tolist()) for v in DIHEDRAL_VIEWS}
+    assert len(outputs) == len(DIHEDRAL_VIEWS) == 8
+
+
+def test_shift_moves_content_and_reflects_the_uncovered_border() -> None:
+    x = torch.arange(25, dtype=torch.float32).reshape(1, 1, 5, 5)
+    down = shift(x, 1, 0)[0, 0]
+    torch.testing.assert_close(down[1:], x[0, 0, :4])  # content moved down one row
+    torch.testing.assert_close(down[0], x[0, 0, 1])  # the new top row mirrors row 1 (reflect, no wrap-around)
+    left = shift(x, 0, -2)[0, 0]
+    torch.testing.assert_close(left[:, :3], x[0, 0, :, 2:])
+    torch.testing.assert_close(left[:, 3:], x[0, 0, :, [3, 2]])
+    with pytest.raises(ValueError, match="does not fit"):
+        shift(x, 5, 0)
+
+
+def test_shift_views_move_a_packed_chip_by_three_percent_of_its_side() -> None:
+    x = torch.rand(2, 1, 100, 100, generator=torch.Generator().manual_seed(0))
+    expected = {"shift_up": (-3, 0), "shift_down": (3, 0), "shift_left": (0, -3), "shift_right": (0, 3)}
+    assert set(SHIFT_VIEWS) == set(expected)
+    for view, (dy, dx) in expected.items():
+        moved = apply_view(x, view)
+        assert moved.shape == x.shape
+        # the centre 88-px window of the moved chip is the window displaced by (-dy, -dx): a window trained on
+        torch.testing.assert_close(moved[..., 6:94, 6:94], x[..., 6 - dy : 94 - dy, 6 - dx : 94 - dx])
+    tiny = torch.rand(1, 1, 10, 10)
+    assert not torch.equal(apply_view(tiny, "shift_up"), tiny)  # at least one pixel on small chips
 
 
 def test_unknown_view_lists_the_valid_ones() -> None:
@@ -84,10 +109,10 @@ def test_unknown_view_lists_the_valid_ones() -> None:
 def test_symmetric_model_gives_identical_logits_for_every_view() -> None:
     model = PoolModel()
     x = _images()
-    per_view = [predict_tta(model, x, [v], [1.0])[0] for v in VIEW_NAMES]
+    per_view = [predict_tta(model, x, [v], [1.0])[0] for v in DIHEDRAL_VIEWS]
     for logits in per_view[1:]:
         torch.testing.assert_close(logits, per_view[0], rtol=0, atol=1e-6)
-    averaged = predict_tta(model, x, list(VIEW_NAMES), [1.0]).class_scores
+    averaged = predict_tta(model, x, list(DIHEDRAL_VIEWS), [1.0]).class_scores
     torch.testing.assert_close(averaged, per_view[0], rtol=0, atol=1e-6)
 
 
@@ -101,7 +126,7 @@ def test_all_views_and_scales_go_through_one_forward() -> None:
 
 
 def test_chunked_forward_equals_single_forward() -> None:
-    model, x, views = PoolModel(), _images(batch=5), list(VIEW_NAMES)
+    model, x, views = PoolModel(), _images(batch=5), list(DIHEDRAL_VIEWS)
     whole = predict_tta(model, x, views, [1.0, 0.8])
     chunked = PoolModel()
     chunked.load_state_dict(model.state_dict())

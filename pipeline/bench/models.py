@@ -51,6 +51,12 @@ CANDIDATES: dict[str, list[str]] = {
     "intensity-none": ["data.intensity=none"],
     "window-1.0": ["data.sar_auto_fraction=1.0"],
     "margin-0.2": ["data.sar_margin=0.2"],
+    "batch-32": ["distill_sar.batch_size=32"],
+    "batch-128": ["distill_sar.batch_size=128"],
+    "batch-32-epochs-40": ["distill_sar.batch_size=32", "distill_sar.epochs=40"],
+    "batch-32-ema": ["distill_sar.batch_size=32", "distill_sar.ema=0.998"],
+    "tta-identity": ["infer.tta.views=[identity]"],
+    "tta-shifts": ["infer.tta.views=[identity,shift_up,shift_down,shift_left,shift_right]"],
 }
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,11 +80,12 @@ def _mean_se(values: list[float]) -> str:
 
 def summary_table(rows: list[dict], title: str) -> Table:
     table = Table(title=title)
-    for column in ("candidate", "seeds", "val bal acc (choice)", "test acc", "test AUROC", "stage time (s)"):
+    for column in ("candidate", "seeds", "val bal acc (choice)", "val NLL", "test acc", "test AUROC", "stage time (s)"):
         table.add_column(column, justify="left" if column == "candidate" else "right")
     for name in dict.fromkeys(r["candidate"] for r in rows):
         mine = [r for r in rows if r["candidate"] == name]
         table.add_row(name, str(len(mine)), _mean_se([r["val_balanced_accuracy"] for r in mine]),
+                      _mean_se([r.get("val_nll", float("nan")) for r in mine]),
                       _mean_se([r["test_accuracy"] for r in mine]), _mean_se([r["test_auroc"] for r in mine]),
                       f"{np.mean([r['seconds'] for r in mine]):.0f}")
     return table

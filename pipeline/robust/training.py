@@ -23,7 +23,7 @@ distillation, Goldblum et al. 2020). The attacks maximise the cross-entropy on t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -51,6 +51,7 @@ class AdversarialSettings:
     step_size: str | float = "auto"
     fraction: float = 1.0
     weight: float = 0.8  # config key `lambda`
+    ramp_epochs: int = 0  # eps and lambda reach full strength after this many epochs
 
     @property
     def active(self) -> bool:
@@ -69,6 +70,7 @@ class AdversarialSettings:
             steps = int(section.get("steps", 1))
             fraction = float(section.get("fraction", 1.0))
             weight = float(section.get("lambda", 0.8))
+            ramp_epochs = int(section.get("ramp_epochs", 0))
         except (TypeError, ValueError):
             raise UserError("adversarial: eps, steps, fraction and lambda must be numbers") from None
         if not 0.0 < eps255 <= 255.0:
@@ -81,7 +83,16 @@ class AdversarialSettings:
             raise UserError(f"adversarial.lambda must be a finite number >= 0, got {weight}")
         step_size = section.get("step_size", "auto")
         pgd_step_size(1.0, steps, step_size)  # a bad rule stops here
-        return cls(kind, eps255 / 255.0, steps, step_size, fraction, weight)
+        if ramp_epochs < 0:
+            raise UserError(f"adversarial.ramp_epochs must be >= 0, got {ramp_epochs}")
+        return cls(kind, eps255 / 255.0, steps, step_size, fraction, weight, ramp_epochs)
+
+    def at_epoch(self, epoch: int) -> "AdversarialSettings":
+        """The settings of (0-based) `epoch` under the ramp: eps and lambda times min(1, (epoch + 1) / ramp_epochs)."""
+        if self.ramp_epochs <= 0 or epoch + 1 >= self.ramp_epochs:
+            return self
+        share = (epoch + 1) / self.ramp_epochs
+        return replace(self, eps=self.eps * share, weight=self.weight * share, ramp_epochs=0)
 
     def step(self) -> float:
         """The attack's step size in [0, 1] units."""
@@ -90,14 +101,15 @@ class AdversarialSettings:
         return pgd_step_size(self.eps, 1 if self.kind == "fgsm" else self.steps, self.step_size)
 
     def describe(self) -> str:
+        ramp = f", ramped up over {self.ramp_epochs} epochs" if self.ramp_epochs > 0 else ""
         if self.kind == "lipschitz":
-            return f"lipschitz regulariser, lambda {self.weight:g}, on {self.fraction:.0%} of each batch"
+            return f"lipschitz regulariser, lambda {self.weight:g}, on {self.fraction:.0%} of each batch{ramp}"
         text = f"{self.kind} eps {self.eps * 255:g}/255"
         if self.kind != "fgsm":
             text += f", {self.steps} step(s) of {self.step() * 255:.3g}/255"
         if self.kind == "euc_at":
             text += f", lambda {self.weight:g}"
-        return text + f", {self.fraction:.0%} of each batch attacked"
+        return text + f", {self.fraction:.0%} of each batch attacked{ramp}"
 
 
 def _unit_norm(rows: Tensor) -> Tensor:
@@ -157,8 +169,12 @@ class AdversarialTask:
         self.classifier = classifier
         self.image_key = image_key
         self.norm = (float(norm[0]), float(norm[1]))
-        self.settings = settings
+        self.full_settings = self.settings = settings
         self.unit_model = UnitRangeModel(classifier, self.norm)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called by the training loop before each (0-based) epoch: the ramp's eps and lambda for it."""
+        self.settings = self.full_settings.at_epoch(epoch)
 
     @property
     def module(self) -> nn.Module:
