@@ -290,3 +290,9 @@ def test_infer_predict_scores_ood_from_raw_logits_under_probability_averaging() 
     energy = ood_score(logits_p, "energy")
     assert np.ptp(energy) > 1e-3
     np.testing.assert_allclose(energy, ood_score(logits_l, "energy"), rtol=1e-6)
+
+
+def test_the_config_schema_knows_every_view() -> None:
+    from pipeline.config import VIEWS
+
+    assert tuple(VIEWS) == VIEW_NAMES == DIHEDRAL_VIEWS + SHIFT_VIEWS
