@@ -120,6 +120,17 @@ def statistics_table(chips: list[np.ndarray]) -> np.ndarray:
     return np.stack([chip_statistics(c) for c in chips])
 
 
+def best_single_statistic(positive: np.ndarray, negative: np.ndarray) -> tuple[str, float]:
+    """The statistic (name, AUROC folded to >= 0.5) that alone best tells two statistics tables apart."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.concatenate([np.ones(len(positive)), np.zeros(len(negative))])
+    aurocs = [roc_auc_score(y, np.concatenate([positive[:, i], negative[:, i]])) for i in range(len(STATISTICS))]
+    folded = [max(a, 1.0 - a) for a in aurocs]
+    best = int(np.argmax(folded))
+    return STATISTICS[best], float(folded[best])
+
+
 # ----------------------------------------------------------------------------- classifiers
 
 
@@ -265,7 +276,11 @@ def compare(real_dir: Path, synthetic_dir: Path, modality: str = "sar", limit: i
     if limit < 2:
         raise UserError(f"--limit {limit}: expected at least 2 chips per side")
     rng = np.random.default_rng(seed)
-    real = read_chips(select_subset(chip_paths(real_dir, modality), real_subset), limit, rng)
+    real_paths = select_subset(chip_paths(real_dir, modality), real_subset)
+    if real_subset != "all" and len(real_paths) < 2:
+        raise UserError(f"{real_dir}: {len(real_paths)} {modality.upper()} chip(s) in the {real_subset} half "
+                        f"(need at least 2)")
+    real = read_chips(real_paths, limit, rng)
     synthetic = read_chips(chip_paths(synthetic_dir, modality), limit, rng)
     real_stats, synthetic_stats = statistics_table(real), statistics_table(synthetic)
     medians = {name: (float(np.median(real_stats[:, i])), float(np.median(synthetic_stats[:, i])))
