@@ -89,20 +89,32 @@ def test_committed_table_is_compact_and_complete():
         assert rows.shape == (len(table["ids"]), len(QUANTILE_LEVELS)) and np.all(np.diff(rows.astype(int), axis=1) >= 0)
 
 
-def _nearest_row_gap(chip: np.ndarray, rows: np.ndarray) -> float:
-    """Largest quantile difference (grey levels, inner quantiles) to the closest row of the table."""
-    q = calibration.chip_quantiles(chip)[1:-1]
-    return float(np.abs(rows[:, 1:-1].astype(float) - q).max(axis=1).min())
+def test_random_targets_lie_between_two_real_chips_the_same_for_both_modalities():
+    table = {"ids": np.array(["1", "2"]), "sar": np.array([[0, 10], [100, 110]], np.uint8),
+             "eo": np.array([[0, 20], [200, 220]], np.uint8)}
+    rng = np.random.default_rng(0)
+    targets = [calibration.random_targets(table, rng) for _ in range(200)]
+    sar_first = np.array([t["sar"][0] for t in targets])
+    assert np.allclose(np.array([t["eo"][0] for t in targets]), 2 * sar_first)  # one pair, one weight
+    assert set(np.round(sar_first, 6)) >= {0.0, 100.0}  # both chips are drawn
+    assert sar_first.min() >= 0 and sar_first.max() <= 100 + 1e-9 and len(set(np.round(sar_first, 6))) > 50
 
 
-def test_generated_chips_follow_the_table_and_the_uncalibrated_path_does_not():
-    table = calibration.load_table()
-    calibrated, plain = [], []
-    for i in range(6):
-        calibrated.append(synth.render_pair(i, synth.object_rng(3, 0, i), 32, 56, calibrate=True))
-        plain.append(synth.render_pair(i, synth.object_rng(3, 0, i), 32, 56, calibrate=False))
-    for (eo, sar), (eo_plain, sar_plain) in zip(calibrated, plain):
-        assert _nearest_row_gap(sar, table["sar"]) <= 1.5  # quantisation and the table's rounding
-        assert _nearest_row_gap(eo, table["eo"]) <= 8.0  # plus the sensor noise added after the mapping
+def test_generated_chips_follow_their_drawn_targets_and_the_uncalibrated_path_does_not(monkeypatch):
+    drawn = []
+
+    def recorded(table, rng):
+        drawn.append(calibration.random_targets(table, rng))
+        return drawn[-1]
+
+    monkeypatch.setattr(synth, "random_targets", recorded)
+    calibrated = [synth.render_pair(i, synth.object_rng(3, 0, i), 32, 56, calibrate=True) for i in range(6)]
+    plain = [synth.render_pair(i, synth.object_rng(3, 0, i), 32, 56, calibrate=False) for i in range(6)]
+    assert len(drawn) == 6
+    inner = slice(1, -1)
+    for (eo, sar), (_, sar_plain), target in zip(calibrated, plain, drawn):
+        assert np.abs(calibration.chip_quantiles(sar)[inner] - target["sar"][inner]).max() <= 1.0  # quantisation
+        assert np.abs(calibration.chip_quantiles(eo)[inner] - target["eo"][inner]).max() <= 6.0  # + sensor noise
         assert np.corrcoef(sar.ravel(), sar_plain.ravel())[0, 1] > 0.8  # same scene, other grey levels
-    assert np.median([_nearest_row_gap(s, table["sar"]) for _, s in plain]) > 3.0
+    gaps = [np.abs(calibration.chip_quantiles(s)[inner] - t["sar"][inner]).max() for (_, s), t in zip(plain, drawn)]
+    assert np.median(gaps) > 10.0

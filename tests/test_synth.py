@@ -324,7 +324,10 @@ def test_eo_is_easier_than_sar(balanced_chips):
     knn = lambda: make_pipeline(StandardScaler(), KNeighborsClassifier(7))  # noqa: E731
     eo_score = _balanced_accuracy(_features(eo), labels, knn())
     sar_score = _balanced_accuracy(_features(sar), labels, knn())
-    assert sar_score > 0.125  # SAR is learnable (chance 0.1; real SAR-track top-1 is 20-40% with CNNs)...
+    # SAR is learnable (chance 0.1; real SAR-track top-1 is 20-40% with CNNs): logistic, since the per-chip
+    # histogram features carry no class since the calibration to real chips (version 4) and only dilute 7-NN
+    # distances (7-NN: 0.150 with version 3, 0.115 with version 4; logistic 0.175 / 0.185)...
+    assert _balanced_accuracy(_features(sar), labels, _logistic()) > 0.15
     assert eo_score > sar_score + 0.05  # ...but harder than EO
 
 

@@ -18,7 +18,6 @@ import functools
 import hashlib
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from pipeline.errors import UserError, exit_on_user_error
@@ -26,6 +25,8 @@ from pipeline.errors import UserError, exit_on_user_error
 QUANTILE_LEVELS = np.linspace(0.0, 1.0, 33)  # probabilities of the stored quantiles, min and max included
 CALIBRATION_TABLE = Path(__file__).with_name("real_quantiles.npz")
 SUBSETS = ("all", "fit", "holdout")
+MIX_MAX = 0.5  # a target is row a + w (row b - row a) of two real chips a, b, w uniform in [0, MIX_MAX]: no exact
+#                repeats of the table's rows (a classifier learned them: README, realism), still near one real chip
 MODALITY_PREFIXES = ("sar_", "eo_")  # a chip's id is its file name without extension and modality prefix
 
 
@@ -77,12 +78,21 @@ def match_quantiles(chip: np.ndarray, target: np.ndarray) -> np.ndarray:
     return mapped.astype(np.float32)
 
 
+def random_targets(table: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Target quantile rows (grey levels) per modality for one chip: between two real chips of `table` drawn at
+    random, nearer the first; the same chips and weight for every modality."""
+    first, second = rng.integers(len(table["ids"]), size=2)
+    weight = rng.uniform(0.0, MIX_MAX)
+    return {m: (1.0 - weight) * table[m][first].astype(np.float64) + weight * table[m][second].astype(np.float64)
+            for m in ("sar", "eo")}
+
+
 # ----------------------------------------------------------------------------- the table
 
 
 def build_table(real_root: Path) -> dict[str, np.ndarray]:
     """Quantile rows of the fit half of the real chips that exist in both modalities and are not blank."""
-    from pipeline.data.realism import chip_paths
+    from pipeline.data.realism import chip_paths, read_chips
 
     by_modality = {m: {chip_id(p): p for p in chip_paths(real_root, m)} for m in ("sar", "eo")}
     paired = sorted(set(by_modality["sar"]) & set(by_modality["eo"]))
@@ -93,7 +103,7 @@ def build_table(real_root: Path) -> dict[str, np.ndarray]:
     rows: dict[str, list[np.ndarray]] = {"sar": [], "eo": []}
     kept = []
     for identifier in fit:
-        chips = {m: _read_gray(by_modality[m][identifier]) for m in rows}
+        chips = {m: 255.0 * read_chips([by_modality[m][identifier]], 1, np.random.default_rng(0))[0] for m in rows}
         if any(c.max() == c.min() for c in chips.values()):  # blank chips: the generator draws its own
             continue
         kept.append(identifier)
@@ -101,17 +111,6 @@ def build_table(real_root: Path) -> dict[str, np.ndarray]:
             rows[m].append(chip_quantiles(chip))
     return {"levels": QUANTILE_LEVELS.astype(np.float32), "ids": np.array(kept),
             **{m: np.clip(np.rint(np.array(r)), 0, 255).astype(np.uint8) for m, r in rows.items()}}
-
-
-def _read_gray(path: Path) -> np.ndarray:
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise UserError(f"cannot read image {path}: not a readable image file")
-    if img.ndim == 3:
-        img = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2GRAY)
-    if img.dtype != np.uint8:
-        raise UserError(f"{path}: expected an 8-bit chip like the 2022 sample, got {img.dtype}")
-    return img
 
 
 def write_table(table: dict[str, np.ndarray], path: Path) -> None:

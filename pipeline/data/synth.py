@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 
 from pipeline.classes import NUM_OFFICIAL_CLASSES, OFFICIAL_COUNTS, OFFICIAL_NAMES, OOD_LABEL
-from pipeline.data.calibration import load_table, match_quantiles
+from pipeline.data.calibration import load_table, match_quantiles, random_targets
 from pipeline.errors import UserError, exit_on_user_error
 
 GENERATOR_VERSION = 4  # bump on any change to what the generator draws: run_all regenerates its default dataset
@@ -852,21 +852,21 @@ def render_pair(kind: int, rng: np.random.Generator, eo_size: int, sar_size: int
     """(EO chip or None, SAR chip) of one object of `kind` (class id, or 10 + OOD kind index).
 
     sar_size None (or 0): each chip's side is drawn from the real size mix at one pixel spacing.
-    calibrate (None: CALIBRATE_TO_REAL): after rendering, both chips' intensities are mapped onto the quantile
-    rows of one real chip of the calibration table, drawn at random last, whatever the kind (so the scenes are
-    those of the uncalibrated path, which is generator version 3 to the byte)."""
+    calibrate (None: CALIBRATE_TO_REAL): after rendering, the chips' intensities are mapped onto quantile rows
+    of the calibration table (`random_targets`: near one real chip drawn at random, the same one for both
+    modalities), drawn last, whatever the kind, so the scenes are those of the uncalibrated path (generator
+    version 3 to the byte)."""
     shape, scene = build_scene(kind, rng)
     size = sar_size or sar_chip_size(rng)
     extent = EXTENT_M if sar_size else size / SAR_PX_PER_M  # the real mix keeps one pixel spacing
     sar = _sar_display(shape, scene, rng, size, extent)
     eo = _eo_display(shape, scene, rng, eo_size) if with_eo else None
     if CALIBRATE_TO_REAL if calibrate is None else calibrate:
-        table = load_table()
-        row = int(rng.integers(len(table["ids"])))
+        target = random_targets(load_table(), rng)
         if sar is not None and "sar" in CALIBRATED_MODALITIES:
-            sar = match_quantiles(sar, table["sar"][row])
+            sar = match_quantiles(sar, target["sar"])
         if eo is not None and "eo" in CALIBRATED_MODALITIES:  # the image is mapped, its noise is not stretched
-            eo = (match_quantiles(eo[0], table["eo"][row]), EO_CALIBRATED_NOISE * eo[1])
+            eo = (match_quantiles(eo[0], target["eo"]), EO_CALIBRATED_NOISE * eo[1])
     sar_chip = np.zeros((size, size), np.uint8) if sar is None else _quantised(sar)
     return (None if eo is None else _quantised(eo[0] + eo[1])), sar_chip
 
