@@ -108,9 +108,16 @@ def test_generated_chips_follow_their_drawn_targets_and_the_uncalibrated_path_do
         return drawn[-1]
 
     monkeypatch.setattr(synth, "random_targets", recorded)
+    default_modalities = synth.CALIBRATED_MODALITIES
+    default = [synth.render_pair(i, synth.object_rng(3, 0, i), 32, 56, calibrate=True) for i in range(6)]
+    monkeypatch.setattr(synth, "CALIBRATED_MODALITIES", ("sar", "eo"))
+    drawn.clear()
     calibrated = [synth.render_pair(i, synth.object_rng(3, 0, i), 32, 56, calibrate=True) for i in range(6)]
     plain = [synth.render_pair(i, synth.object_rng(3, 0, i), 32, 56, calibrate=False) for i in range(6)]
     assert len(drawn) == 6
+    for (eo_default, sar_default), (eo, sar), (eo_plain, _) in zip(default, calibrated, plain):
+        assert np.array_equal(sar_default, sar)  # the modalities are mapped independently of one another
+        assert np.array_equal(eo_default, eo_plain) == ("eo" not in default_modalities)
     inner = slice(1, -1)
     for (eo, sar), (_, sar_plain), target in zip(calibrated, plain, drawn):
         assert np.abs(calibration.chip_quantiles(sar)[inner] - target["sar"][inner]).max() <= 1.0  # quantisation
