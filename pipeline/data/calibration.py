@@ -5,8 +5,9 @@ halves (`split_ids`): the *fit* half gives a compact table of per-chip intensity
 (QUANTILE_LEVELS, grey levels 0-255, one row per real chip, SAR and EO of the same id side by side),
 written to CALIBRATION_TABLE and committed (derived statistics only, no images); the *holdout* half is
 what the realism test (`python -m pipeline.data.realism --real-subset holdout`) measures against, so the
-reported realism is not measured on the chips the table saw. The generator maps every rendered chip onto
-the quantile row of one real chip drawn at random (`match_quantiles`).
+reported realism is not measured on the chips the table saw. The generator (pipeline.data.synth,
+CALIBRATED_MODALITIES) maps a rendered chip onto a target row near one real chip drawn at random
+(`random_targets`, `match_quantiles`).
 
     python -m pipeline.data.calibration --real ../shared/data/mavoc2022_sample
 """

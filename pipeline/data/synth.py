@@ -567,7 +567,8 @@ def _smooth_noise(rng: np.random.Generator, n: int, cells: int = 5) -> np.ndarra
 
 def render_eo(shape: Shape, scene: Scene, rng: np.random.Generator, size: int, extent_m: float = EXTENT_M) -> np.ndarray:
     """Optical top view of `shape` in its `scene` as a size x size uint8 chip."""
-    return _quantised(sum(_eo_display(shape, scene, rng, size, extent_m)))
+    image, noise = _eo_display(shape, scene, rng, size, extent_m)
+    return _quantised(image + noise)
 
 
 def _quantised(display: np.ndarray) -> np.ndarray:
@@ -696,7 +697,7 @@ def render_sar(shape: Shape, scene: Scene, rng: np.random.Generator, size: int, 
 
 def _sar_display(shape: Shape, scene: Scene, rng: np.random.Generator, size: int,
                  extent_m: float = EXTENT_M) -> np.ndarray | None:
-    """Radar view of `shape` in its `scene` (per-chip look direction and depression) as a size x size uint8 chip.
+    """Radar view of `shape` in its `scene` (per-chip look direction and depression), size x size, before quantisation.
 
     The scene's reflectivity (clutter, radar shadows, walls, roofs, dihedral lines, point scatterers) is imaged
     coherently through an elongated impulse response of a few pixels (the real chips are oversampled), which makes
