@@ -86,3 +86,19 @@ def test_missing_or_empty_folders_are_user_errors(tmp_path):
     with pytest.raises(SystemExit) as stop:
         realism.main(["--real", str(tmp_path / "nope"), "--synthetic", str(tmp_path), "--out", str(tmp_path / "o")])
     assert stop.value.code == 2
+
+
+def test_real_subset_uses_one_half_of_the_real_chips(tmp_path):
+    from pipeline.data.calibration import chip_id, split_ids
+
+    a = _write_chips(tmp_path / "a", 20, seed=1, blur=1.0, offset=0.0, sizes=(32,))
+    b = _write_chips(tmp_path / "b", 8, seed=2, blur=0.0, offset=-0.2, sizes=(32,))
+    fit, holdout = split_ids([chip_id(p) for p in realism.chip_paths(a, "sar")])
+    out = tmp_path / "out"
+    realism.main(["--real", str(a), "--synthetic", str(b), "--out", str(out), "--cnn-epochs", "0",
+                  "--real-subset", "holdout"])
+    report = json.loads((out / "sar.json").read_text())
+    assert report["real_subset"] == "holdout" and report["n_real"] == len(holdout) == 10
+    assert realism.compare(a, b, "sar", cnn_epochs=0, real_subset="fit").n_real == len(fit)
+    with pytest.raises(UserError, match="in the holdout half"):
+        realism.compare(_write_chips(tmp_path / "one", 1, seed=1, blur=1.0, offset=0.0), b, real_subset="holdout")

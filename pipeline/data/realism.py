@@ -25,6 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pipeline.data.calibration import SUBSETS, select_subset
 from pipeline.errors import UserError, exit_on_user_error
 from pipeline.log import make_console
 
@@ -117,6 +118,17 @@ def chip_statistics(chip: np.ndarray) -> np.ndarray:
 def statistics_table(chips: list[np.ndarray]) -> np.ndarray:
     """(n_chips, len(STATISTICS)) array of chip statistics."""
     return np.stack([chip_statistics(c) for c in chips])
+
+
+def best_single_statistic(positive: np.ndarray, negative: np.ndarray) -> tuple[str, float]:
+    """The statistic (name, AUROC folded to >= 0.5) that alone best tells two statistics tables apart."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.concatenate([np.ones(len(positive)), np.zeros(len(negative))])
+    aurocs = [roc_auc_score(y, np.concatenate([positive[:, i], negative[:, i]])) for i in range(len(STATISTICS))]
+    folded = [max(a, 1.0 - a) for a in aurocs]
+    best = int(np.argmax(folded))
+    return STATISTICS[best], float(folded[best])
 
 
 # ----------------------------------------------------------------------------- classifiers
@@ -241,10 +253,12 @@ class RealismResult:
     medians: dict[str, tuple[float, float]]  # statistic -> (real median, synthetic median)
     statistics_auroc: float
     cnn_auroc: float | None
+    real_subset: str = "all"  # which real chips: all, or the calibration's fit / holdout half
 
     def as_json(self) -> dict:
         return {
-            "modality": self.modality, "n_real": self.n_real, "n_synthetic": self.n_synthetic,
+            "modality": self.modality, "real_subset": self.real_subset, "n_real": self.n_real,
+            "n_synthetic": self.n_synthetic,
             "statistics_auroc": round(self.statistics_auroc, 4),
             "cnn_auroc": None if self.cnn_auroc is None else round(self.cnn_auroc, 4),
             "medians": {k: {"real": round(r, 4), "synthetic": round(s, 4)} for k, (r, s) in self.medians.items()},
@@ -252,14 +266,21 @@ class RealismResult:
 
 
 def compare(real_dir: Path, synthetic_dir: Path, modality: str = "sar", limit: int = 500, seed: int = 0,
-            cnn_epochs: int = 8, montage: Path | None = None) -> RealismResult:
-    """The two-sample test of one modality (cnn_epochs 0: no CNN classifier)."""
+            cnn_epochs: int = 8, montage: Path | None = None, real_subset: str = "all") -> RealismResult:
+    """The two-sample test of one modality (cnn_epochs 0: no CNN classifier).
+
+    real_subset 'fit' / 'holdout': only that half of the real chips (pipeline.data.calibration.split_ids):
+    the calibration table of the generator is made from the fit half, so 'holdout' measures unseen chips."""
     if modality not in MODALITY_FOLDERS:
         raise UserError(f"modality '{modality}': expected one of {', '.join(MODALITY_FOLDERS)}")
     if limit < 2:
         raise UserError(f"--limit {limit}: expected at least 2 chips per side")
     rng = np.random.default_rng(seed)
-    real = read_chips(chip_paths(real_dir, modality), limit, rng)
+    real_paths = select_subset(chip_paths(real_dir, modality), real_subset)
+    if real_subset != "all" and len(real_paths) < 2:
+        raise UserError(f"{real_dir}: {len(real_paths)} {modality.upper()} chip(s) in the {real_subset} half "
+                        f"(need at least 2)")
+    real = read_chips(real_paths, limit, rng)
     synthetic = read_chips(chip_paths(synthetic_dir, modality), limit, rng)
     real_stats, synthetic_stats = statistics_table(real), statistics_table(synthetic)
     medians = {name: (float(np.median(real_stats[:, i])), float(np.median(synthetic_stats[:, i])))
@@ -268,13 +289,14 @@ def compare(real_dir: Path, synthetic_dir: Path, modality: str = "sar", limit: i
     cnn = cnn_auroc(real, synthetic, cnn_epochs, seed) if cnn_epochs > 0 else None
     if montage is not None:
         write_montage(real, synthetic, montage, f"{modality.upper()}: real (top) vs synthetic (bottom)")
-    return RealismResult(modality, len(real), len(synthetic), medians, auroc, cnn)
+    return RealismResult(modality, len(real), len(synthetic), medians, auroc, cnn, real_subset)
 
 
 def _table(result: RealismResult):
     from rich.table import Table
 
-    table = Table(title=f"{result.modality.upper()} realism: {result.n_real} real vs {result.n_synthetic} synthetic chips")
+    half = "" if result.real_subset == "all" else f" ({result.real_subset} half)"
+    table = Table(title=f"{result.modality.upper()} realism: {result.n_real} real{half} vs {result.n_synthetic} synthetic chips")
     table.add_column("statistic")
     table.add_column("real median", justify="right")
     table.add_column("synthetic median", justify="right")
@@ -293,6 +315,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=500, help="at most this many chips per side (seeded random subset)")
     p.add_argument("--cnn-epochs", type=int, default=8, help="epochs of the CNN classifier per fold (0: skip it)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--real-subset", choices=SUBSETS, default="all",
+                   help="real chips to compare with: all, or the half of them the generator's calibration table was "
+                        "fitted on (fit) or not (holdout), split by chip id (pipeline.data.calibration)")
     return p.parse_args(argv)
 
 
@@ -308,7 +333,8 @@ def main(argv: list[str] | None = None) -> None:
     if not os.access(args.out, os.W_OK):
         raise UserError(f"--out {args.out} is not writable")
     montage = args.out / f"{args.modality}_montage.png"
-    result = compare(args.real, args.synthetic, args.modality, args.limit, args.seed, args.cnn_epochs, montage)
+    result = compare(args.real, args.synthetic, args.modality, args.limit, args.seed, args.cnn_epochs, montage,
+                     args.real_subset)
     console = make_console()
     console.print(_table(result))
     cnn = "n/a (skipped)" if result.cnn_auroc is None else f"{result.cnn_auroc:.3f}"

@@ -1,0 +1,155 @@
+"""Per-chip intensity calibration of the synthetic replica to the real 2022 chips.
+
+The real sample (413 unlabelled chips per modality, not in the repo) is split by chip id into two fixed
+halves (`split_ids`): the *fit* half gives a compact table of per-chip intensity quantiles
+(QUANTILE_LEVELS, grey levels 0-255, one row per real chip, SAR and EO of the same id side by side),
+written to CALIBRATION_TABLE and committed (derived statistics only, no images); the *holdout* half is
+what the realism test (`python -m pipeline.data.realism --real-subset holdout`) measures against, so the
+reported realism is not measured on the chips the table saw. The generator (pipeline.data.synth,
+CALIBRATED_MODALITIES) maps a rendered chip onto a target row near one real chip drawn at random
+(`random_targets`, `match_quantiles`).
+
+    python -m pipeline.data.calibration --real ../shared/data/mavoc2022_sample
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import UserError, exit_on_user_error
+
+QUANTILE_LEVELS = np.linspace(0.0, 1.0, 33)  # probabilities of the stored quantiles, min and max included
+CALIBRATION_TABLE = Path(__file__).with_name("real_quantiles.npz")
+SUBSETS = ("all", "fit", "holdout")
+MIX_MAX = 0.5  # a target is row a + w (row b - row a) of two real chips a, b, w uniform in [0, MIX_MAX]: no exact
+#                repeats of the table's rows (a classifier learned them: README, realism), still near one real chip
+MODALITY_PREFIXES = ("sar_", "eo_")  # a chip's id is its file name without extension and modality prefix
+
+
+def chip_id(path: Path) -> str:
+    """The id a real chip shares across modalities: 'SAR_100578.png' and 'EO_100578.png' -> '100578'."""
+    stem = Path(path).stem
+    for prefix in MODALITY_PREFIXES:
+        if stem.lower().startswith(prefix):
+            return stem[len(prefix):]
+    return stem
+
+
+def _hash_key(identifier: str) -> str:
+    return hashlib.sha256(identifier.encode()).hexdigest()
+
+
+def split_ids(ids: list[str]) -> tuple[list[str], list[str]]:
+    """(fit, holdout): the distinct ids in the order of their SHA-256, alternately (every other one)."""
+    ordered = sorted(set(ids), key=_hash_key)
+    return sorted(ordered[0::2]), sorted(ordered[1::2])
+
+
+def select_subset(paths: list[Path], subset: str) -> list[Path]:
+    """The paths whose chip id falls in `subset` ('all', 'fit' or 'holdout') of `split_ids`."""
+    if subset not in SUBSETS:
+        raise UserError(f"real subset '{subset}': expected one of {', '.join(SUBSETS)}")
+    if subset == "all":
+        return list(paths)
+    fit, holdout = split_ids([chip_id(p) for p in paths])
+    keep = set(fit if subset == "fit" else holdout)
+    return [p for p in paths if chip_id(p) in keep]
+
+
+def chip_quantiles(chip: np.ndarray) -> np.ndarray:
+    """The QUANTILE_LEVELS quantiles of one chip's intensities (in the chip's own units)."""
+    return np.quantile(np.asarray(chip, dtype=np.float64), QUANTILE_LEVELS)
+
+
+def match_quantiles(chip: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """`chip` mapped monotonically so that its QUANTILE_LEVELS quantiles become `target` (float32).
+
+    Each value is placed by linear interpolation between the chip's own quantiles and sent to the same
+    place between the target's, so the ordering of pixels (the spatial structure) is kept."""
+    source = chip_quantiles(chip)
+    if source[-1] - source[0] < 1e-9:  # a flat chip has no ordering to keep: it takes the target's median
+        return np.full(np.shape(chip), np.interp(0.5, QUANTILE_LEVELS, target), np.float32)
+    ramp = 1e-9 * (source[-1] - source[0]) * np.arange(len(source))  # strictly increasing knots for ties
+    mapped = np.interp(np.asarray(chip, dtype=np.float64), source + ramp, np.asarray(target, dtype=np.float64))
+    return mapped.astype(np.float32)
+
+
+def random_targets(table: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Target quantile rows (grey levels) per modality for one chip: between two real chips of `table` drawn at
+    random, nearer the first; the same chips and weight for every modality."""
+    first, second = rng.integers(len(table["ids"]), size=2)
+    weight = rng.uniform(0.0, MIX_MAX)
+    return {m: (1.0 - weight) * table[m][first].astype(np.float64) + weight * table[m][second].astype(np.float64)
+            for m in ("sar", "eo")}
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def build_table(real_root: Path) -> dict[str, np.ndarray]:
+    """Quantile rows of the fit half of the real chips that exist in both modalities and are not blank."""
+    from pipeline.data.realism import chip_paths, read_chips
+
+    by_modality = {m: {chip_id(p): p for p in chip_paths(real_root, m)} for m in ("sar", "eo")}
+    paired = sorted(set(by_modality["sar"]) & set(by_modality["eo"]))
+    if len(paired) < 2:
+        raise UserError(f"{real_root}: fewer than 2 chip ids with both a SAR and an EO chip "
+                        f"(expected files like SAR_<id>.png and EO_<id>.png)")
+    fit, _ = split_ids(paired)
+    rows: dict[str, list[np.ndarray]] = {"sar": [], "eo": []}
+    kept = []
+    for identifier in fit:
+        chips = {m: 255.0 * read_chips([by_modality[m][identifier]], 1, np.random.default_rng(0))[0] for m in rows}
+        if any(c.max() == c.min() for c in chips.values()):  # blank chips: the generator draws its own
+            continue
+        kept.append(identifier)
+        for m, chip in chips.items():
+            rows[m].append(chip_quantiles(chip))
+    return {"levels": QUANTILE_LEVELS.astype(np.float32), "ids": np.array(kept),
+            **{m: np.clip(np.rint(np.array(r)), 0, 255).astype(np.uint8) for m, r in rows.items()}}
+
+
+def write_table(table: dict[str, np.ndarray], path: Path) -> None:
+    np.savez_compressed(path, **table)
+
+
+@functools.lru_cache(maxsize=4)
+def load_table(path: Path = CALIBRATION_TABLE) -> dict[str, np.ndarray]:
+    """The committed table: levels, ids, and per modality an (n_chips, len(levels)) array of grey levels."""
+    try:
+        with np.load(path) as data:
+            table = {k: data[k] for k in data.files}
+    except OSError as err:
+        raise UserError(f"cannot read the calibration table {path}: {err}") from None
+    if not np.allclose(table["levels"], QUANTILE_LEVELS):
+        raise UserError(f"{path}: quantile levels differ from QUANTILE_LEVELS; rebuild it "
+                        f"(python -m pipeline.data.calibration)")
+    return table
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pipeline.data.calibration", description=__doc__.split("\n")[0])
+    p.add_argument("--real", type=Path, required=True, help="folder of the real 2022 chips (with SAR/ and EO/)")
+    p.add_argument("--out", type=Path, default=CALIBRATION_TABLE, help="the table file (.npz)")
+    return p.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    table = build_table(args.real)
+    try:
+        write_table(table, args.out)
+    except OSError as err:
+        raise UserError(f"cannot write {args.out}: {err.strerror or err}") from None
+    print(f"wrote {args.out}: {len(table['ids'])} real chips (fit half, blank ones left out) x "
+          f"{len(QUANTILE_LEVELS)} quantiles, SAR and EO; {args.out.stat().st_size:,} bytes")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Calibration of the synthetic replica to the real chips: quantile table, quantile matching, the real split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.data import calibration, synth
+from pipeline.data.calibration import QUANTILE_LEVELS
+from pipeline.errors import UserError
+
+
+def _write_pairs(folder: Path, n: int, blank: tuple[int, ...] = ()) -> Path:
+    """n real-style chip pairs SAR/SAR_<id>.png (56 px) and EO/EO_<id>.png (32 px) of random levels."""
+    rng = np.random.default_rng(0)
+    for modality, side in (("SAR", 56), ("EO", 32)):
+        (folder / modality).mkdir(parents=True)
+        for i in range(n):
+            img = np.zeros((side, side), np.uint8) if i in blank else \
+                np.clip(rng.normal(rng.uniform(60, 180), rng.uniform(10, 40), (side, side)), 0, 255).astype(np.uint8)
+            cv2.imwrite(str(folder / modality / f"{modality}_{1000 + i}.png"), img)
+    return folder
+
+
+def test_split_is_disjoint_balanced_deterministic_and_order_free():
+    ids = [str(10_000 + 7 * i) for i in range(413)]
+    fit, holdout = calibration.split_ids(ids)
+    assert not set(fit) & set(holdout) and set(fit) | set(holdout) == set(ids)
+    assert (len(fit), len(holdout)) == (207, 206)
+    assert calibration.split_ids(list(reversed(ids))) == (fit, holdout)
+    assert fit != sorted(ids)[0::2]  # hashed, not every other id in name order
+    sar = [Path(f"SAR_{i}.png") for i in ids]
+    eo = [Path(f"x/EO_{i}.png") for i in ids]
+    assert [calibration.chip_id(p) for p in calibration.select_subset(sar, "holdout")] == \
+        [calibration.chip_id(p) for p in calibration.select_subset(eo, "holdout")] == holdout
+    assert calibration.select_subset(sar, "all") == sar
+    with pytest.raises(UserError, match="real subset 'half'"):
+        calibration.select_subset(sar, "half")
+
+
+def test_quantile_matching_lands_on_the_target_row_and_keeps_pixel_order():
+    rng = np.random.default_rng(1)
+    chip = cv2.GaussianBlur(rng.gamma(1.0, 1.0, (56, 56)).astype(np.float32), (0, 0), 1.5)
+    target = np.sort(rng.uniform(10, 240, len(QUANTILE_LEVELS)))
+    mapped = calibration.match_quantiles(chip, target)
+    assert np.abs(calibration.chip_quantiles(mapped) - target).max() < 0.25  # sample quantiles straddle the knots
+    assert np.array_equal(np.argsort(mapped, axis=None, kind="stable"), np.argsort(chip, axis=None, kind="stable"))
+    flat = calibration.match_quantiles(np.full((8, 8), 3.0), target)
+    assert np.all(flat == np.float32(target[len(target) // 2]))
+    tied = calibration.match_quantiles(np.repeat([0.0, 1.0], 32).reshape(8, 8), target)  # knots with ties
+    assert np.isfinite(tied).all() and tied.min() >= target[0] and tied.max() <= target[-1]
+
+
+def test_table_from_the_fit_half_round_trips_and_leaves_blank_chips_out(tmp_path, capsys):
+    real = _write_pairs(tmp_path / "real", 12, blank=(0, 1, 2, 3))
+    out = tmp_path / "table.npz"
+    calibration.main(["--real", str(real), "--out", str(out)])
+    assert "real chips (fit half" in capsys.readouterr().out
+    table = calibration.load_table(out)
+    fit, _ = calibration.split_ids([str(1000 + i) for i in range(12)])
+    assert set(table["ids"]) == set(fit) - {"1000", "1001", "1002", "1003"}
+    for modality, folder in (("sar", "SAR"), ("eo", "EO")):
+        assert table[modality].shape == (len(table["ids"]), len(QUANTILE_LEVELS)) and table[modality].dtype == np.uint8
+        for row, identifier in zip(table[modality], table["ids"]):
+            chip = cv2.imread(str(real / folder / f"{folder}_{identifier}.png"), cv2.IMREAD_GRAYSCALE)
+            assert np.abs(row.astype(float) - calibration.chip_quantiles(chip)).max() <= 0.5
+    assert np.allclose(table["levels"], QUANTILE_LEVELS)
+
+
+def test_bad_real_folder_and_table_are_user_errors(tmp_path):
+    (tmp_path / "SAR").mkdir()
+    cv2.imwrite(str(tmp_path / "SAR" / "SAR_1.png"), np.zeros((8, 8), np.uint8))
+    with pytest.raises(SystemExit) as stop:
+        calibration.main(["--real", str(tmp_path), "--out", str(tmp_path / "t.npz")])
+    assert stop.value.code == 2
+    with pytest.raises(UserError, match="cannot read the calibration table"):
+        calibration.load_table(tmp_path / "missing.npz")
+
+
+def test_committed_table_is_compact_and_complete():
+    table = calibration.load_table()
+    assert calibration.CALIBRATION_TABLE.stat().st_size < 20_000
+    assert 150 < len(table["ids"]) <= 207 and len(set(table["ids"])) == len(table["ids"])
+    for modality in ("sar", "eo"):
+        rows = table[modality]
+        assert rows.shape == (len(table["ids"]), len(QUANTILE_LEVELS)) and np.all(np.diff(rows.astype(int), axis=1) >= 0)
+
+
+def test_random_targets_lie_between_two_real_chips_the_same_for_both_modalities():
+    table = {"ids": np.array(["1", "2"]), "sar": np.array([[0, 10], [100, 110]], np.uint8),
+             "eo": np.array([[0, 20], [200, 220]], np.uint8)}
+    rng = np.random.default_rng(0)
+    targets = [calibration.random_targets(table, rng) for _ in range(200)]
+    sar_first = np.array([t["sar"][0] for t in targets])
+    assert np.allclose(np.array([t["eo"][0] for t in targets]), 2 * sar_first)  # one pair, one weight
+    assert set(np.round(sar_first, 6)) >= {0.0, 100.0}  # both chips are drawn
+    assert sar_first.min() >= 0 and sar_first.max() <= 100 + 1e-9 and len(set(np.round(sar_first, 6))) > 50
+
+
+def test_generated_chips_follow_their_drawn_targets_and_the_uncalibrated_path_does_not(monkeypatch):
+    drawn = []
+
+    def recorded(table, rng):
+        drawn.append(calibration.random_targets(table, rng))
+        return drawn[-1]
+
+    monkeypatch.setattr(synth, "random_targets", recorded)
+    default_modalities = synth.CALIBRATED_MODALITIES
+    default = [synth.render_pair(i, synth.object_rng(3, 0, i), 32, 56, calibrate=True) for i in range(6)]
+    monkeypatch.setattr(synth, "CALIBRATED_MODALITIES", ("sar", "eo"))
+    drawn.clear()
+    calibrated = [synth.render_pair(i, synth.object_rng(3, 0, i), 32, 56, calibrate=True) for i in range(6)]
+    plain = [synth.render_pair(i, synth.object_rng(3, 0, i), 32, 56, calibrate=False) for i in range(6)]
+    assert len(drawn) == 6
+    for (eo_default, sar_default), (eo, sar), (eo_plain, _) in zip(default, calibrated, plain):
+        assert np.array_equal(sar_default, sar)  # the modalities are mapped independently of one another
+        assert np.array_equal(eo_default, eo_plain) == ("eo" not in default_modalities)
+    inner = slice(1, -1)
+    for (eo, sar), (_, sar_plain), target in zip(calibrated, plain, drawn):
+        assert np.abs(calibration.chip_quantiles(sar)[inner] - target["sar"][inner]).max() <= 1.0  # quantisation
+        assert np.abs(calibration.chip_quantiles(eo)[inner] - target["eo"][inner]).max() <= 6.0  # + sensor noise
+        assert np.corrcoef(sar.ravel(), sar_plain.ravel())[0, 1] > 0.8  # same scene, other grey levels
+    gaps = [np.abs(calibration.chip_quantiles(s)[inner] - t["sar"][inner]).max() for (_, s), t in zip(plain, drawn)]
+    assert np.median(gaps) > 10.0
