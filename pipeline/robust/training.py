@@ -7,7 +7,7 @@
 - `euc_at` (Xue et al., IEEE JSTARS 2025): the task's loss on the attacked chips (delta initialised from
   U(-eps, eps), then `steps` PGD steps) plus lambda * mean ||g^(x) - g^(x + delta)||_2, where g^ is the
   L2-normalised input gradient of the label-smoothed (0.1) cross-entropy. The paper's classification
-  term is label-smoothed CE(0.1): set the stage's `loss.kind: ce` and `loss.label_smoothing: 0.1`.
+  term is label-smoothed CE(0.1), distill_sar's default loss (`loss.kind: ce`, `loss.label_smoothing: 0.1`).
 - `lipschitz` (Chan-Hon-Tong et al.): the task's loss on clean chips plus lambda * mean_i
   ||grad_x ||f(x_i) - f_bar||^2||_1, f the pooled embedding, f_bar its batch mean (no attack).
 
