@@ -181,5 +181,12 @@ def test_two_processes_train_like_one_at_the_same_global_batch(same_global_batch
     np.testing.assert_allclose(one[losses].to_numpy(), two[losses].to_numpy(), rtol=0, atol=1e-4)
     a, b = (load_file(str(same_global_batch[n] / f"{name}.safetensors")) for n in (1, 2))
     assert a.keys() == b.keys()
-    for key in a:  # measured ~2e-5: Adam turns rounding noise in near-zero gradients into small steps
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=5e-4, msg=key)
+    # measured ~4e-5: Adam turns rounding noise in near-zero gradients into steps of up to lr each, so a rare
+    # coordinate moves by a few lr (6e-4 measured with the CE + smoothing default): all within 2e-3, and at most
+    # 0.1% of all coordinates beyond 5e-4
+    far = total = 0
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=2e-3, msg=key)
+        far += int(((a[key].float() - b[key].float()).abs() > 5e-4).sum())
+        total += a[key].numel()
+    assert far <= 1e-3 * total, f"{far} of {total} weights differ by more than 5e-4"

@@ -229,7 +229,8 @@ def test_infer_chooses_tta_views_on_validation_and_stays_fresh(chain, tmp_path, 
     tta = json.loads((subs / "auto" / "summary.json").read_text())["tta"]
     assert tta["auto"] and "chosen on validation" in out
     rows = {r["views"]: r for r in tta["validation"]}
-    assert set(rows) == {"identity", "identity+hflip", "identity+vflip", "identity+hflip+vflip+rot180"}
+    assert set(rows) == {"identity", "identity+hflip", "identity+vflip", "identity+hflip+vflip+rot180",
+                         "identity+shift_up+shift_down+shift_left+shift_right"}
     chosen = [name for name, r in rows.items() if r["chosen"]]
     assert chosen == ["+".join(tta["views"])]
     best = max(r["balanced_accuracy"] for r in rows.values())
