@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -149,37 +150,46 @@ def test_sharded_inference_matches_one_process(ddp_pipeline, workspace):
 
 
 @pytest.fixture(scope="module")
-def same_global_batch(workspace: Path) -> dict[int, Path]:
+def same_global_batch(workspace: Path) -> dict[tuple[int, str], Path]:
     """The three training stages with one process at batch 2B and with two processes at batch B.
 
     Made comparable step for step: the `uniform` sampler's shares interleave one shared permutation,
     so the two ranks' batches together are the one-process batch, with the same augmentation (seeded
     by draw key); a group-norm model (batch norm normalises per rank) without dropout (drawn per rank),
     and feature alignment to raw teacher features (feature_norm batch standardises per rank, like batch
-    norm). What remains is float summation order.
+    norm). Each two-process stage starts from the one-process run's parent artifacts (its own folder),
+    so a stage is compared on identical inputs and does not inherit its parent's rounding. What remains
+    is float summation order. Keys: (processes, stage).
     """
     common = ["--set", "model.name=test_efficientnet_gn", "--set", "model.drop_rate=0",
               "--set", "distill_sar.distill.feature_norm=none"]
     for stage, epochs in EPOCHS.items():
         common += ["--set", f"{stage}.sampler.kind=uniform", "--set", f"{stage}.epochs={epochs}"]
-    for stage in ARTIFACTS:
-        for nproc in (1, 2):
+    folders: dict[tuple[int, str], Path] = {}
+    for i, stage in enumerate(ARTIFACTS):
+        one, two = workspace / "same_batch_1", workspace / f"same_batch_2_{stage}"
+        two.mkdir(parents=True, exist_ok=True)
+        for parent in list(ARTIFACTS)[:i]:
+            for path in one.glob(f"{ARTIFACTS[parent]}.*"):
+                shutil.copy2(path, two / path.name)
+        for nproc, folder in ((1, one), (2, two)):
             batch = PER_RANK_BATCH * 2 // nproc
-            launch(f"stages.{stage}", *stage_flags(workspace, f"same_batch_{nproc}"), *common,
+            launch(f"stages.{stage}", *stage_flags(workspace, folder.name), *common,
                    "--set", f"{stage}.batch_size={batch}", nproc=nproc)
-    return {n: workspace / f"same_batch_{n}" for n in (1, 2)}
+            folders[(nproc, stage)] = folder
+    return folders
 
 
 @pytest.mark.parametrize("stage", list(ARTIFACTS))
 def test_two_processes_train_like_one_at_the_same_global_batch(same_global_batch, stage):
     name = ARTIFACTS[stage]
-    one, two = (pd.read_csv(same_global_batch[n] / f"{name}.metrics.csv") for n in (1, 2))
+    one, two = (pd.read_csv(same_global_batch[(n, stage)] / f"{name}.metrics.csv") for n in (1, 2))
     assert list(one.columns) == list(two.columns) and len(one) == len(two) == EPOCHS[stage]
     exact = ["epoch", "lr", "val_accuracy", "val_balanced_accuracy", "val_macro_f1", *[c for c in one if c.startswith("val_recall_")]]
     pd.testing.assert_frame_equal(one[exact], two[exact], check_exact=False, rtol=0, atol=1e-12)
     losses = [c for c in one if c.startswith("train_")] + ["val_loss"]  # another sample stream moves these by ~1e-2
     np.testing.assert_allclose(one[losses].to_numpy(), two[losses].to_numpy(), rtol=0, atol=1e-4)
-    a, b = (load_file(str(same_global_batch[n] / f"{name}.safetensors")) for n in (1, 2))
+    a, b = (load_file(str(same_global_batch[(n, stage)] / f"{name}.safetensors")) for n in (1, 2))
     assert a.keys() == b.keys()
     # measured ~4e-5: Adam turns rounding noise in near-zero gradients into steps of up to lr each, so a rare
     # coordinate moves by a few lr (6e-4 measured with the CE + smoothing default): all within 2e-3, and at most
