@@ -31,17 +31,10 @@ def shift(x: Tensor, dy: int, dx: int) -> Tensor:
     h, w = x.shape[-2:]
     if abs(dy) >= h or abs(dx) >= w:
         raise ValueError(f"shift ({dy}, {dx}) px does not fit a {h}x{w} image")
-    padded = _reflect_pad_by(x, max(dy, 0), max(-dy, 0), max(dx, 0), max(-dx, 0))
+    flat = x.reshape(-1, 1, h, w)  # F.pad's reflect mode wants (N, C, H, W)
+    padded = F.pad(flat, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)), mode="reflect")
     top, left = max(-dy, 0), max(-dx, 0)
-    return padded[..., top : top + h, left : left + w]
-
-
-def _reflect_pad_by(x: Tensor, top: int, bottom: int, left: int, right: int) -> Tensor:
-    if top == bottom == left == right == 0:
-        return x
-    mode = "reflect" if min(x.shape[-2:]) > max(top, bottom, left, right) else "replicate"
-    flat = x.reshape(-1, 1, *x.shape[-2:])
-    return F.pad(flat, (left, right, top, bottom), mode=mode).reshape(*x.shape[:-2], x.shape[-2] + top + bottom, x.shape[-1] + left + right)
+    return padded[..., top : top + h, left : left + w].reshape(x.shape)
 
 
 def _shift_view(dy: int, dx: int) -> Callable[[Tensor], Tensor]:
