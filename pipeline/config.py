@@ -27,6 +27,7 @@ from pipeline.errors import UserError
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 
 PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 NonNegative = Annotated[float, Field(ge=0.0)]
 Positive = Annotated[float, Field(gt=0.0)]
@@ -293,6 +294,13 @@ class SelectOODConfig(Section):
     knn_k: Annotated[list[PositiveInt], Field(min_length=1)] = _f([1, 5, 20], "knn is tried with each k")
     max_per_class: Union[PositiveInt, None] = _f(None, "training embeddings per class used to refit (speed); null = all")
     head_c: Positive = _f(1.0, "logistic-regression head refitted without the left-out class: inverse L2 strength")
+    proxy_folds: NonNegativeInt = _f(
+        2, "0: leave each class out of the final model's cached embeddings (head refitted); N: train N proxy SAR models, "
+        "each without proxy_left_out training classes (the distill_sar recipe, proxy_epochs), and score those classes' "
+        "validation chips as unseen: features that never saw the unseen class, as at test"
+    )
+    proxy_left_out: PositiveInt = _f(2, "proxy folds: training classes each proxy model leaves out (at most all but 2)")
+    proxy_epochs: Union[PositiveInt, Auto] = _f("auto", "proxy folds: training epochs of each proxy model; auto = half of distill_sar.epochs")
 
 
 class RobustnessConfig(Section):

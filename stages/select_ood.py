@@ -7,7 +7,14 @@ hypersphere needs them), then for each class c refits every candidate detector (
 that read logits, a logistic-regression head) without c and measures the AUROC of c's validation
 chips against the others. Prints detector x mean AUROC +- standard error over the left-out classes and
 writes the winner to weights/ood_choice.json, which infer uses when infer.ood.method is auto.
-Test chips and test labels are never read.
+
+With select_ood.proxy_folds N > 0 the unseen classes are made honestly instead: N proxy SAR models are
+trained (the distill_sar recipe on SAR labels, proxy_epochs), each without proxy_left_out training
+classes, and every detector, fitted on a proxy's own training outputs, scores those classes' validation
+chips against the other classes' (cached in weights/ood_proxy_embeddings.npz). The final model has seen
+every training class, so on its embeddings a left-out class is easy to tell apart and every embedding
+detector scores near 1; a proxy's features never saw it, as the final model never saw a test-time
+unseen class. Test chips and test labels are never read.
 """
 
 from __future__ import annotations
@@ -15,23 +22,30 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from rich.table import Table
 
 from pipeline import distributed
-from pipeline.artifacts import atomic_write, code_version
+from pipeline.artifacts import ArtifactPaths, atomic_write, code_version
 from pipeline.errors import UserError, exit_on_user_error
-from pipeline.inference import anomaly_dataset, predict, resolve_views
+from pipeline.inference import anomaly_dataset, predict, resolve_views, with_views
+from pipeline.losses import OutlierExposure, build_classification_loss
 from pipeline.ood import make_detector
-from pipeline.ood.fit import write_choice
-from pipeline.ood.select import best, candidates, leave_one_class_out
-from pipeline.stage import build_parser, holds_weights_lock, load_model, parent_digest, prepare_stage
+from pipeline.ood.fit import head_of, write_choice
+from pipeline.ood.select import (
+    CandidateResult, best, candidates, leave_one_class_out, proxy_groups, score_unseen_classes,
+)
+from pipeline.stage import StageContext, build_parser, holds_weights_lock, load_model, new_model, parent_digest, prepare_stage
+from pipeline.tasks import ClassifierTask
+from pipeline.train import fit
 
 STAGE = "select_ood"
 PARENT = "sar_final"
 CACHE_FILE = "ood_embeddings.npz"
+PROXY_CACHE_FILE = "ood_proxy_embeddings.npz"
 
 
 def cached_outputs(path: Path, key: dict, compute) -> dict[str, np.ndarray]:
@@ -49,6 +63,64 @@ def cached_outputs(path: Path, key: dict, compute) -> dict[str, np.ndarray]:
     return arrays
 
 
+def proxy_outputs(ctx: StageContext, groups: list[list[int]], views: list[str], anomaly_detector) -> dict[str, np.ndarray]:
+    """Train one proxy SAR model per group of left-out classes and embed, with the infer views: its
+    training rows (no chip of the group), the whole validation split and, when a candidate needs them,
+    virtual anomalies of those training rows. Arrays keyed fold<f>_<what>."""
+    train_rows, val_rows = ctx.data.train_val_rows("sar")
+    labels, cfg = ctx.data.labels, ctx.stage_cfg
+    epochs = cfg.proxy_epochs if cfg.proxy_epochs != "auto" else max(1, ctx.cfg.distill_sar.epochs // 2)
+    proxy_cfg = ctx.cfg.distill_sar.model_copy(update={"epochs": epochs})
+    infer_cfg = with_views(ctx.cfg.infer, views)
+    names = ctx.layout.classes.names
+    out: dict[str, np.ndarray] = {}
+    for f, group in enumerate(groups):
+        kept = train_rows[~np.isin(labels[train_rows], group)]
+        val_seen = val_rows[~np.isin(labels[val_rows], group)]
+        ctx.console.print(f"{STAGE}: proxy model {f + 1}/{len(groups)} without {', '.join(names[c] for c in group)} "
+                          f"({len(kept)} training chips, {epochs} epochs)")
+        model = new_model(ctx, "sar")
+        exposure = OutlierExposure.from_config(proxy_cfg.outlier_exposure, seed=ctx.seed + 1 + f)
+        task = ClassifierTask(model, build_classification_loss(proxy_cfg.loss, ctx.class_counts(kept)), outlier_exposure=exposure)
+        val_loader = ctx.data.loader(ctx.data.chip_dataset("sar", val_seen, augment=False), proxy_cfg.batch_size, train=False)
+        with tempfile.TemporaryDirectory(dir=ctx.weights_dir, prefix=".ood_proxy_") as tmp:
+            fit(task, ctx.data.train_batches(kept, "sar", proxy_cfg), val_loader, proxy_cfg, ctx.num_classes,
+                ArtifactPaths.of(tmp, "proxy"), ctx.device, seed=ctx.seed + 1 + f, console=ctx.console)
+        model.eval()
+        for split, rows in (("train", kept), ("val", val_rows)):
+            _, out[f"fold{f}_{split}_logits"], out[f"fold{f}_{split}_emb"] = predict(
+                model, ctx.data.chip_dataset("sar", rows, augment=False), infer_cfg, ctx.device)
+            out[f"fold{f}_{split}_labels"] = labels[rows]
+        out[f"fold{f}_head_weight"], out[f"fold{f}_head_bias"] = head_of(model)
+        if anomaly_detector is not None:
+            anomalies = anomaly_dataset(anomaly_detector, ctx.data.chip_dataset("sar", kept, augment=False), labels[kept], seed=ctx.seed)
+            _, _, out[f"fold{f}_anomaly_emb"] = predict(model, anomalies, infer_cfg, ctx.device)
+    return out
+
+
+def proxy_results(ctx: StageContext, cands, views: list[str], anomaly_detector) -> tuple[list[CandidateResult], list[list[int]]]:
+    """Every candidate's AUROC per left-out class, on proxy models that never saw it (cached)."""
+    cfg = ctx.stage_cfg
+    _, val_rows = ctx.data.train_val_rows("sar")
+    present = sorted(set(np.unique(ctx.data.labels[val_rows]).tolist()))
+    groups = proxy_groups(present, cfg.proxy_folds, cfg.proxy_left_out, seed=ctx.seed)
+    key = {"recorded": ctx.recorded_config, "distill_sar": ctx.cfg.distill_sar.model_dump(), "views": views, "groups": groups,
+           "split_sha256": ctx.data.split_digest(), "train_fingerprint": ctx.packed.train_fingerprint,
+           "anomalies": None if anomaly_detector is None else
+           [anomaly_detector.anomalies_per_chip, list(anomaly_detector.anomaly_kinds)]}
+    arrays = cached_outputs(ctx.weights_dir / PROXY_CACHE_FILE, key, lambda: proxy_outputs(ctx, groups, views, anomaly_detector))
+    results = [CandidateResult(c, {}) for c in cands]
+    for f, group in enumerate(groups):
+        a = {k.split("_", 1)[1]: v for k, v in arrays.items() if k.startswith(f"fold{f}_")}
+        per_candidate = score_unseen_classes(
+            a["train_logits"], a["train_emb"], a["train_labels"], a["val_logits"], a["val_emb"], a["val_labels"], group,
+            cands, ctx.cfg.infer.ood, head=(a["head_weight"], a["head_bias"]), anomaly_emb=a.get("anomaly_emb"), seed=ctx.seed,
+        )
+        for result, per_class in zip(results, per_candidate):
+            result.per_class.update(per_class)
+    return results, groups
+
+
 @exit_on_user_error
 @holds_weights_lock
 def main(argv: list[str] | None = None) -> int:
@@ -62,9 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     train_rows, val_rows = ctx.data.train_val_rows("sar")
     labels = ctx.data.labels
 
+    proxy = cfg.proxy_folds > 0
     # virtual anomalies of the training chips, for candidates such as hypersphere (same TTA, cached too)
     anomaly_detector = next((d for d in (make_detector(c.method, infer_cfg.ood, seed=ctx.seed, **c.params) for c in cands)
                              if d.needs_anomalies), None)
+    final_anomalies = anomaly_detector if not proxy else None  # proxy folds embed their own
 
     def embed() -> dict[str, np.ndarray]:
         model = load_model(ctx, PARENT)[0].eval()
@@ -79,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _, _, emb = predict(model, ctx.data.chip_dataset("sar", rows, augment=False), resolved.cfg, ctx.device)
             out[f"{split}_emb"], out[f"{split}_labels"] = emb, labels[rows]
-        if anomaly_detector is not None:
-            anomalies = anomaly_dataset(anomaly_detector, ctx.data.chip_dataset("sar", train_rows, augment=False),
+        if final_anomalies is not None:
+            anomalies = anomaly_dataset(final_anomalies, ctx.data.chip_dataset("sar", train_rows, augment=False),
                                         labels[train_rows], seed=ctx.seed)
             ctx.console.print(f"{STAGE}: embedding {len(anomalies)} virtual anomalies of the training chips with TTA")
             _, _, out["anomaly_emb"] = predict(model, anomalies, resolved.cfg, ctx.device)
@@ -89,21 +163,28 @@ def main(argv: list[str] | None = None) -> int:
 
     key = {"model_sha256": model_sha, "tta": infer_cfg.tta.model_dump(), "split_sha256": ctx.data.split_digest(),
            "train_fingerprint": ctx.packed.train_fingerprint, "rows": [len(train_rows), len(val_rows)]}
-    if anomaly_detector is not None:
-        key["anomalies"] = {"per_chip": anomaly_detector.anomalies_per_chip, "kinds": anomaly_detector.anomaly_kinds,
+    if final_anomalies is not None:
+        key["anomalies"] = {"per_chip": final_anomalies.anomalies_per_chip, "kinds": final_anomalies.anomaly_kinds,
                             "seed": ctx.seed}
     data = cached_outputs(ctx.weights_dir / CACHE_FILE, key, embed)
     views = [str(v) for v in data.pop("views")]
 
     names = list(ctx.layout.classes.names)
-    results = leave_one_class_out(
-        data["train_emb"], data["train_labels"], data["val_emb"], data["val_labels"], cands,
-        infer_cfg.ood, head_c=cfg.head_c, max_per_class=cfg.max_per_class, seed=ctx.seed,
-        anomaly_emb=data.get("anomaly_emb"), anomaly_source_labels=data.get("anomaly_source_labels"),
-    )
+    groups: list[list[int]] = []
+    if proxy:
+        results, groups = proxy_results(ctx, cands, views, anomaly_detector)
+        title = (f"OOD detectors on {len(groups)} proxy models, each trained without "
+                 f"{' / '.join(', '.join(names[c] for c in g) for g in groups)} (validation split)")
+    else:
+        results = leave_one_class_out(
+            data["train_emb"], data["train_labels"], data["val_emb"], data["val_labels"], cands,
+            infer_cfg.ood, head_c=cfg.head_c, max_per_class=cfg.max_per_class, seed=ctx.seed,
+            anomaly_emb=data.get("anomaly_emb"), anomaly_source_labels=data.get("anomaly_source_labels"),
+        )
+        title = f"OOD detectors, one training class left out at a time ({len(results[0].per_class)} classes, validation split)"
     winner = best(results)
     left_out = [names[c] for c in results[0].per_class]
-    table = Table(title=f"OOD detectors, one training class left out at a time ({len(left_out)} classes, validation split)")
+    table = Table(title=title)
     for column in ("detector", "mean AUROC", "± s.e.", "worst left-out class"):
         table.add_column(column, justify="left" if column == "detector" else "right")
     for r in results:
@@ -116,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         "method": winner.candidate.method, "params": winner.candidate.params, "label": winner.candidate.label,
         "mean_auroc": winner.mean, "se": winner.se, "model_sha256": model_sha, "split_sha256": key["split_sha256"],
         "tta": infer_cfg.tta.model_dump(), "tta_views": views, "ood_config": infer_cfg.ood.model_dump(), "config": ctx.recorded_config,
-        "left_out": left_out,
+        "left_out": left_out, "validation": "proxy_folds" if proxy else "leave_one_class_out",
+        "proxy_groups": [[names[c] for c in g] for g in groups],
         "table": [{"label": r.candidate.label, "method": r.candidate.method, "params": r.candidate.params,
                    "mean_auroc": r.mean, "se": r.se,
                    "per_class": {names[c]: a for c, a in r.per_class.items()}} for r in results],

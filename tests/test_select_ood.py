@@ -11,7 +11,9 @@ from pipeline.config import OODConfig, SelectOODConfig
 from pipeline.errors import UserError
 from pipeline.metrics import auroc
 from pipeline.ood.knn import capped_rows
-from pipeline.ood.select import Candidate, best, candidates, leave_one_class_out, refit_head
+from pipeline.ood.select import (
+    Candidate, best, candidates, leave_one_class_out, proxy_groups, refit_head, score_unseen_classes,
+)
 
 D = 8
 
@@ -58,6 +60,36 @@ def test_leave_one_class_out_measures_auroc_on_validation_and_picks_the_best() -
     assert best(tie).candidate.label == "a"
     with pytest.raises(UserError, match="at least 3"):
         leave_one_class_out(tr_x[tr_y < 2], tr_y[tr_y < 2], va_x, va_y, cands, OODConfig())
+
+
+def test_proxy_groups_are_disjoint_seeded_and_leave_two_classes_known() -> None:
+    groups = proxy_groups(list(range(8)), folds=2, left_out=2, seed=3)
+    assert len(groups) == 2 and all(len(g) == 2 for g in groups)
+    assert not set(groups[0]) & set(groups[1])
+    assert groups == proxy_groups(list(range(8)), folds=2, left_out=2, seed=3)
+    assert groups != proxy_groups(list(range(8)), folds=2, left_out=2, seed=4)
+    assert [len(g) for g in proxy_groups([0, 1, 2, 3], folds=5, left_out=3, seed=0)] == [2, 2]  # all but 2, as many as fit
+    with pytest.raises(UserError, match="at least 3"):
+        proxy_groups([0, 1], folds=1, left_out=1)
+
+
+def test_score_unseen_classes_fits_on_seen_training_rows_and_scores_each_unseen_class_alone() -> None:
+    rng = np.random.default_rng(7)
+    centres = rng.normal(0.0, 4.0, (5, D))
+    tr_y, va_y = np.repeat([0, 1, 2], 25), np.repeat(np.arange(5), 10)  # classes 3 and 4 never in training
+    tr_x = centres[tr_y] + rng.normal(0.0, 0.5, (len(tr_y), D))
+    va_x = centres[va_y] + rng.normal(0.0, 0.5, (len(va_y), D))
+    cands = [Candidate("knn(k=1)", "knn", {"k": 1}), Candidate("mahalanobis", "mahalanobis")]
+    zeros = lambda x: np.zeros((len(x), 5))  # noqa: E731  (knn and mahalanobis read embeddings only)
+    per = score_unseen_classes(zeros(tr_x), tr_x, tr_y, zeros(va_x), va_x, va_y, [3, 4], cands, OODConfig())
+    assert [sorted(p) for p in per] == [[3, 4], [3, 4]]
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    score = (unit(va_x) @ unit(tr_x).T).max(axis=1)
+    rows = va_y != 4  # class 3 against the seen classes only: class 4's chips take no part
+    assert per[0][3] == pytest.approx(auroc(va_y[rows] != 3, score[rows]), abs=1e-12)
+    assert min(per[1].values()) > 0.95
+    with pytest.raises(ValueError, match="unseen"):
+        score_unseen_classes(zeros(tr_x), tr_x, tr_y, zeros(va_x), va_x, va_y, [2], cands, OODConfig())
 
 
 # ----------------------------------------------------------------------------- stages on tiny data
@@ -185,7 +217,8 @@ def test_select_ood_and_infer_fit_the_hypersphere_on_virtual_anomalies(trained, 
 
     assert not (trained / "data" / "test_truth.csv").exists()
     fast = ("--set", "infer.ood.hypersphere_steps=30")
-    assert select_ood.main(_argv(trained, "--set", "select_ood.candidates=[energy,hypersphere]", *fast)) == 0
+    loo = ("--set", "select_ood.proxy_folds=0")  # the final model's embeddings, one class left out at a time
+    assert select_ood.main(_argv(trained, "--set", "select_ood.candidates=[energy,hypersphere]", *loo, *fast)) == 0
     out = capsys.readouterr().out
     assert "virtual anomalies" in out
     choice = json.loads((trained / "weights" / "ood_choice.json").read_text())
@@ -244,3 +277,35 @@ def test_select_ood_embeds_with_the_views_infer_chooses(trained, capsys):
     assert summary["tta"]["auto"] and choice["tta_views"] == summary["tta"]["views"]
     with np.load(trained / "weights" / "ood_embeddings.npz", allow_pickle=False) as cache:
         assert list(cache["views"]) == summary["tta"]["views"]
+
+
+def test_select_ood_with_proxy_folds_scores_classes_its_proxy_models_never_saw(trained, capsys):
+    import json
+
+    from stages import select_ood
+
+    proxy = ("--set", "select_ood.candidates=[energy,knn,hypersphere]", "--set", "select_ood.knn_k=[1]",
+             "--set", "select_ood.proxy_folds=2", "--set", "select_ood.proxy_left_out=1",
+             "--set", "select_ood.proxy_epochs=1", "--set", "infer.ood.hypersphere_steps=20")
+    assert select_ood.main(_argv(trained, *proxy)) == 0
+    out = capsys.readouterr().out
+    assert "proxy model 1/2 without" in out and "proxy model 2/2 without" in out and "proxy models, each trained without" in out
+    choice = json.loads((trained / "weights" / "ood_choice.json").read_text())
+    assert choice["validation"] == "proxy_folds"
+    groups = choice["proxy_groups"]
+    assert len(groups) == 2 and all(len(g) == 1 for g in groups) and groups[0] != groups[1]
+    assert sorted(choice["left_out"]) == sorted(g[0] for g in groups)
+    for row in choice["table"]:
+        assert set(row["per_class"]) == set(choice["left_out"]) and all(0.0 <= a <= 1.0 for a in row["per_class"].values())
+    assert choice["mean_auroc"] == max(row["mean_auroc"] for row in choice["table"])
+    names = json.loads((trained / "weights" / "sar_final.json").read_text())["dataset"]["classes"]
+    with np.load(trained / "weights" / "ood_proxy_embeddings.npz", allow_pickle=False) as cache:
+        for f, group in enumerate(groups):
+            unseen = names.index(group[0])
+            assert unseen not in cache[f"fold{f}_train_labels"]  # the proxy never trained on its unseen class
+            assert unseen in cache[f"fold{f}_val_labels"]  # ... whose validation chips it scores
+            assert len(cache[f"fold{f}_anomaly_emb"]) == len(cache[f"fold{f}_train_labels"])
+    assert not list((trained / "weights").glob(".ood_proxy_*"))  # the proxies' training files are gone
+
+    assert select_ood.main(_argv(trained, *proxy)) == 0  # the second run reads the cached proxy embeddings
+    assert "proxy model 1/2" not in capsys.readouterr().out

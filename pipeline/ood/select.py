@@ -161,3 +161,45 @@ def best(results: list[CandidateResult]) -> CandidateResult:
     """The candidate with the highest mean AUROC (the earliest one on ties)."""
     means = [r.mean if np.isfinite(r.mean) else -np.inf for r in results]
     return results[int(np.argmax(means))]
+
+
+def proxy_groups(classes: list[int], folds: int, left_out: int, seed: int = 0) -> list[list[int]]:
+    """The classes each proxy model leaves out: disjoint groups of `left_out` classes (fewer when only
+    that many remain, never more than all but 2), drawn from a seeded permutation of `classes`."""
+    classes = sorted(int(c) for c in classes)
+    if len(classes) < 3:
+        raise UserError(f"proxy folds need at least 3 training classes with validation chips, there are {len(classes)}")
+    size = min(int(left_out), len(classes) - 2)
+    order = [classes[i] for i in np.random.default_rng(seed).permutation(len(classes))]
+    return [sorted(order[f * size:(f + 1) * size]) for f in range(min(int(folds), len(classes) // size))]
+
+
+def score_unseen_classes(
+    train_logits: np.ndarray,
+    train_emb: np.ndarray,
+    train_labels: np.ndarray,
+    val_logits: np.ndarray,
+    val_emb: np.ndarray,
+    val_labels: np.ndarray,
+    unseen: list[int],
+    cands: list[Candidate],
+    ood_cfg: OODConfig,
+    head: tuple[np.ndarray, np.ndarray] | None = None,
+    anomaly_emb: np.ndarray | None = None,
+    seed: int = 0,
+) -> list[dict[int, float]]:
+    """For each candidate, {unseen class c: AUROC of c's validation chips against the validation chips of
+    the seen classes}, every detector fitted on the training outputs of a model that never saw `unseen`
+    (the training rows must hold no chip of them)."""
+    train_labels, val_labels = np.asarray(train_labels, np.int64), np.asarray(val_labels, np.int64)
+    if np.isin(train_labels, unseen).any():
+        raise ValueError("the training rows hold chips of an unseen class")
+    seen = ~np.isin(val_labels, unseen)
+    out = []
+    for cand in cands:
+        detector = make_detector(cand.method, ood_cfg, seed=seed, **cand.params)
+        detector.fit(train_logits, train_emb, train_labels, head=head, anomalies=anomaly_emb)
+        scores = detector.score(logits=val_logits, embeddings=val_emb)
+        out.append({c: auroc(seen[seen | (val_labels == c)], scores[seen | (val_labels == c)])
+                    for c in unseen if (val_labels == c).any()})
+    return out
