@@ -124,6 +124,10 @@ class TrainConfig(Section):
     ema: Fraction = _f(0.0, "EMA decay of weights; 0 = off")
     clip_grad: NonNegative = _f(5.0, "gradient-norm clipping; 0 = off")
     steps_per_epoch: Union[PositiveInt, None] = _f(None, "null = one pass over the sampled training set")
+    min_steps_per_epoch: Union[PositiveInt, None] = _f(
+        None, "with steps_per_epoch null: lower the batch size (not below 16) until one pass takes at least this many "
+        "steps, so a large-batch profile still takes enough steps on a small data set; null = batch_size as given"
+    )
     loss: LossConfig = Field(default_factory=LossConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
 

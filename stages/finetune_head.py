@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             p_emb, p_labels, pseudo_info = pseudo_labelled_embeddings(model, test, val_emb, val_labels, pseudo, ctx.device, ctx.num_classes)
             ctx.console.print(f"{STAGE}: pseudo-labels: {pseudo_info['chips']} of {pseudo_info['of']} test chips, per class {pseudo_info['per_class']}")
             emb, labels = torch.cat([emb, p_emb]), torch.cat([labels, p_labels])
-        train_loader = data.loader(EmbeddingDataset(emb, labels), cfg.batch_size, data.sampler_for(labels.numpy(), cfg))
+        train_loader = data.loader(EmbeddingDataset(emb, labels), data.train_batch_size(cfg, len(labels)),
+                                   data.sampler_for(labels.numpy(), cfg))
 
     result = fit_stage(ctx, task, train_loader, data.loader(val_ds, cfg.batch_size, train=False))
     model.load_state_dict(result.best_state)

@@ -104,7 +104,9 @@ def proxy_results(ctx: StageContext, cands, views: list[str], anomaly_detector) 
     _, val_rows = ctx.data.train_val_rows("sar")
     present = sorted(set(np.unique(ctx.data.labels[val_rows]).tolist()))
     groups = proxy_groups(present, cfg.proxy_folds, cfg.proxy_left_out, seed=ctx.seed)
-    key = {"recorded": ctx.recorded_config, "distill_sar": ctx.cfg.distill_sar.model_dump(), "views": views, "groups": groups,
+    recorded = ctx.recorded_config  # the common sections (seed, data, augment, model), not the candidates
+    key = {"common": {k: v for k, v in recorded.items() if k != STAGE}, "epochs": cfg.proxy_epochs,
+           "distill_sar": ctx.cfg.distill_sar.model_dump(), "views": views, "groups": groups,
            "split_sha256": ctx.data.split_digest(), "train_fingerprint": ctx.packed.train_fingerprint,
            "anomalies": None if anomaly_detector is None else
            [anomaly_detector.anomalies_per_chip, list(anomaly_detector.anomaly_kinds)]}

@@ -307,5 +307,7 @@ def test_select_ood_with_proxy_folds_scores_classes_its_proxy_models_never_saw(t
             assert len(cache[f"fold{f}_anomaly_emb"]) == len(cache[f"fold{f}_train_labels"])
     assert not list((trained / "weights").glob(".ood_proxy_*"))  # the proxies' training files are gone
 
-    assert select_ood.main(_argv(trained, *proxy)) == 0  # the second run reads the cached proxy embeddings
+    fewer = (*proxy, "--set", "select_ood.candidates=[energy,hypersphere]")  # other candidates, same proxies
+    assert select_ood.main(_argv(trained, *fewer)) == 0  # the second run reads the cached proxy embeddings
     assert "proxy model 1/2" not in capsys.readouterr().out
+    assert [row["label"] for row in json.loads((trained / "weights" / "ood_choice.json").read_text())["table"]] == ["energy", "hypersphere"]

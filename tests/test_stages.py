@@ -72,6 +72,35 @@ def assert_plain_log(out: str, epochs: int) -> None:
     assert epochs_logged == [f"{e}/{epochs}" for e in range(1, epochs + 1)]
 
 
+def test_min_steps_per_epoch_lowers_the_batch_so_an_epoch_takes_that_many_steps(tiny, tmp_path, caplog):
+    import logging
+
+    import torch
+
+    def steps(weights: Path, *extra: str) -> int:
+        sar_only = ("--weights", str(weights), "--set", "distill_sar.distill.kd_weight=0", "--set",
+                    "distill_sar.distill.feature_weight=0", "--set", "distill_sar.batch_size=64", *extra)
+        assert distill_sar.main(argv(tiny, *sar_only)) == 0
+        return int(torch.load(weights / "sar_student.resume.pt", weights_only=False)["global_step"])
+
+    assert steps(tmp_path / "plain") == 1  # ~60 training chips, batch 64: one step
+    with caplog.at_level(logging.INFO, logger="pipeline.data.module"):
+        assert steps(tmp_path / "capped", "--set", "distill_sar.min_steps_per_epoch=3") == 3
+    assert "batch size 64 -> 20" in caplog.text
+
+
+def test_train_batch_size_never_goes_below_16_and_leaves_fixed_step_epochs_alone() -> None:
+    from pipeline.config import TrainConfig
+    from pipeline.data.module import train_batch_size
+
+    assert train_batch_size(TrainConfig(batch_size=512), 2000) == 512
+    assert train_batch_size(TrainConfig(batch_size=512, min_steps_per_epoch=50), 2000) == 40
+    assert train_batch_size(TrainConfig(batch_size=512, min_steps_per_epoch=50), 100_000) == 512
+    assert train_batch_size(TrainConfig(batch_size=512, min_steps_per_epoch=50), 300) == 16
+    assert train_batch_size(TrainConfig(batch_size=8, min_steps_per_epoch=50), 300) == 8
+    assert train_batch_size(TrainConfig(batch_size=512, min_steps_per_epoch=50, steps_per_epoch=10), 2000) == 512
+
+
 def test_stage_chain_manifests_and_frozen_parts(tiny, teacher_weights, capsys):
     weights = teacher_weights
     teacher = json.loads((weights / "eo_teacher.json").read_text())

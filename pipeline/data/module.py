@@ -25,6 +25,11 @@ from pipeline.data.pack import PackedData
 from pipeline.data.resident import ResidentBatches
 from pipeline.data.samplers import make_sampler
 from pipeline.errors import UserError
+from pipeline.log import get_logger
+
+log = get_logger(__name__)
+
+MIN_CAPPED_BATCH = 16  # min_steps_per_epoch never lowers a batch below this (batch norm needs a few chips)
 
 MODALITIES = ("eo", "sar")
 
@@ -134,9 +139,10 @@ class StageData:
         batches; otherwise a DataLoader over the augmented dataset.
         """
         sampler = self.sampler(rows, train_cfg)
+        batch = self.train_batch_size(train_cfg, len(rows))
         if not self.cfg.data.resident:
             dataset = self.paired_dataset(rows, augment=True) if kind == "paired" else self.chip_dataset(kind, rows, augment=True)
-            return self.loader(dataset, train_cfg.batch_size, sampler)
+            return self.loader(dataset, batch, sampler)
         index = self.packed.train_index.iloc[rows]
         arrays = {}
         for modality in MODALITIES if kind == "paired" else (kind,):
@@ -144,7 +150,15 @@ class StageData:
             key = modality if kind == "paired" else "image"
             arrays[key] = (images, index[f"{modality}_row"].to_numpy(), self.norm(modality), modality,
                            self.geometry[modality].window)
-        return ResidentBatches(arrays, index["class_id"].to_numpy(), sampler, train_cfg.batch_size, self.device, self.augmenter(), self.seed)
+        return ResidentBatches(arrays, index["class_id"].to_numpy(), sampler, batch, self.device, self.augmenter(), self.seed)
+
+    def train_batch_size(self, train_cfg: TrainConfig, n_train: int) -> int:
+        """`train_batch_size`, with a log line when min_steps_per_epoch lowered it."""
+        batch = train_batch_size(train_cfg, n_train)
+        if batch != train_cfg.batch_size:
+            log.info(f"batch size {train_cfg.batch_size} -> {batch}: {n_train} training items, "
+                     f"min_steps_per_epoch {train_cfg.min_steps_per_epoch}")
+        return batch
 
     def loader(self, dataset: Dataset, batch_size: int, sampler: Sampler | None = None, train: bool = True) -> DataLoader:
         """A DataLoader with the config's workers, pinned memory on CUDA, whole batches when training."""
@@ -154,6 +168,18 @@ class StageData:
             dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=self.cfg.data.num_workers,
             pin_memory=self.device.type == "cuda", drop_last=train and len(dataset) > batch_size, persistent_workers=False,
         )
+
+
+
+
+def train_batch_size(train_cfg: TrainConfig, n_train: int) -> int:
+    """The batch size of a training pass over `n_train` items: batch_size, lowered (not below 16) so that each
+    process takes at least `min_steps_per_epoch` steps when that is set and steps_per_epoch is not."""
+    batch = train_cfg.batch_size
+    if train_cfg.min_steps_per_epoch is None or train_cfg.steps_per_epoch is not None:
+        return batch
+    per_process = n_train // distributed.world_size()
+    return max(min(batch, per_process // train_cfg.min_steps_per_epoch), min(batch, MIN_CAPPED_BATCH))
 
 
 def samples_per_epoch(train_cfg: TrainConfig, n_train: int) -> int:
