@@ -293,7 +293,7 @@ class InferConfig(Section):
 
 class SelectOODConfig(Section):
     candidates: Annotated[list[Literal[OOD_METHODS]], Field(min_length=1)] = _f(  # type: ignore[valid-type]
-        list(OOD_METHODS), "detectors compared by stages.select_ood (leave-one-class-out on validation)"
+        list(OOD_METHODS), "detectors compared by stages.select_ood on validation (proxy models or leave-one-class-out)"
     )
     knn_k: Annotated[list[PositiveInt], Field(min_length=1)] = _f([1, 5, 20], "knn is tried with each k")
     max_per_class: Union[PositiveInt, None] = _f(None, "training embeddings per class used to refit (speed); null = all")

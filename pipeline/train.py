@@ -138,9 +138,11 @@ def _steps_per_epoch(cfg: TrainConfig, train_loader: Iterable) -> int:
     return steps
 
 
-def _config_hash(stage_cfg: TrainConfig, num_classes: int, seed: int, steps_per_epoch: int) -> str:
+def _config_hash(stage_cfg: TrainConfig, num_classes: int, seed: int, steps_per_epoch: int, batch_size: int | None = None) -> str:
+    """What a resume state must match: config, classes, seed, steps and the loader's batch (min_steps_per_epoch may lower it)."""
     blob = json.dumps(
-        {"stage": stage_cfg.model_dump(mode="json"), "num_classes": num_classes, "seed": seed, "steps_per_epoch": steps_per_epoch},
+        {"stage": stage_cfg.model_dump(mode="json"), "num_classes": num_classes, "seed": seed, "steps_per_epoch": steps_per_epoch,
+         "batch_size": batch_size},
         sort_keys=True,
         default=str,
     )
@@ -364,7 +366,7 @@ class _Trainer:
         self.steps = steps_per_epoch
         self.total_steps = self.cfg.epochs * steps_per_epoch
         self.warmup_steps = min(self.total_steps, round(self.cfg.warmup_epochs * steps_per_epoch))
-        self.config_hash = _config_hash(stage_cfg, num_classes, seed, steps_per_epoch)
+        self.config_hash = _config_hash(stage_cfg, num_classes, seed, steps_per_epoch, getattr(train_loader, "batch_size", None))
         task.module.to(device)
         self.net: nn.Module = task.module
         if distributed.is_distributed():  # before the EMA copy: DDP broadcasts rank 0's weights

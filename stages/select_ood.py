@@ -22,10 +22,12 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from rich.table import Table
 
 from pipeline import distributed
@@ -35,6 +37,7 @@ from pipeline.inference import anomaly_dataset, predict, resolve_views, with_vie
 from pipeline.losses import OutlierExposure, build_classification_loss
 from pipeline.ood import make_detector
 from pipeline.ood.fit import head_of, write_choice
+from pipeline.ood.knn import capped_rows
 from pipeline.ood.select import (
     CandidateResult, best, candidates, leave_one_class_out, proxy_groups, score_unseen_classes,
 )
@@ -46,6 +49,7 @@ STAGE = "select_ood"
 PARENT = "sar_final"
 CACHE_FILE = "ood_embeddings.npz"
 PROXY_CACHE_FILE = "ood_proxy_embeddings.npz"
+PROXY_TMP_PREFIX = ".ood_proxy_"  # a proxy's training files (metrics, resume state), removed after it is embedded
 
 
 def cached_outputs(path: Path, key: dict, compute) -> dict[str, np.ndarray]:
@@ -63,13 +67,23 @@ def cached_outputs(path: Path, key: dict, compute) -> dict[str, np.ndarray]:
     return arrays
 
 
+def proxy_epochs(ctx: StageContext) -> int:
+    """Training epochs of each proxy model: select_ood.proxy_epochs, or half of distill_sar's (auto)."""
+    epochs = ctx.stage_cfg.proxy_epochs
+    return max(1, ctx.cfg.distill_sar.epochs // 2) if epochs == "auto" else int(epochs)
+
+
 def proxy_outputs(ctx: StageContext, groups: list[list[int]], views: list[str], anomaly_detector) -> dict[str, np.ndarray]:
     """Train one proxy SAR model per group of left-out classes and embed, with the infer views: its
     training rows (no chip of the group), the whole validation split and, when a candidate needs them,
-    virtual anomalies of those training rows. Arrays keyed fold<f>_<what>."""
+    virtual anomalies of those training rows. Arrays keyed fold<f>_<what>. A proxy follows distill_sar's
+    schedule, loss, sampler and outlier exposure on SAR labels alone: no teacher, no adversarial training,
+    no frozen layers (model.init_weights, when set, is its starting point as it is the final model's)."""
     train_rows, val_rows = ctx.data.train_val_rows("sar")
-    labels, cfg = ctx.data.labels, ctx.stage_cfg
-    epochs = cfg.proxy_epochs if cfg.proxy_epochs != "auto" else max(1, ctx.cfg.distill_sar.epochs // 2)
+    labels = ctx.data.labels
+    epochs = proxy_epochs(ctx)
+    for stale in ctx.weights_dir.glob(f"{PROXY_TMP_PREFIX}*"):  # left by a killed run (we hold the weights lock)
+        shutil.rmtree(stale, ignore_errors=True)
     proxy_cfg = ctx.cfg.distill_sar.model_copy(update={"epochs": epochs})
     infer_cfg = with_views(ctx.cfg.infer, views)
     names = ctx.layout.classes.names
@@ -79,11 +93,12 @@ def proxy_outputs(ctx: StageContext, groups: list[list[int]], views: list[str], 
         val_seen = val_rows[~np.isin(labels[val_rows], group)]
         ctx.console.print(f"{STAGE}: proxy model {f + 1}/{len(groups)} without {', '.join(names[c] for c in group)} "
                           f"({len(kept)} training chips, {epochs} epochs)")
+        torch.manual_seed(ctx.seed + 1 + f)  # each proxy's initial weights depend on its fold alone
         model = new_model(ctx, "sar")
         exposure = OutlierExposure.from_config(proxy_cfg.outlier_exposure, seed=ctx.seed + 1 + f)
         task = ClassifierTask(model, build_classification_loss(proxy_cfg.loss, ctx.class_counts(kept)), outlier_exposure=exposure)
         val_loader = ctx.data.loader(ctx.data.chip_dataset("sar", val_seen, augment=False), proxy_cfg.batch_size, train=False)
-        with tempfile.TemporaryDirectory(dir=ctx.weights_dir, prefix=".ood_proxy_") as tmp:
+        with tempfile.TemporaryDirectory(dir=ctx.weights_dir, prefix=PROXY_TMP_PREFIX) as tmp:
             fit(task, ctx.data.train_batches(kept, "sar", proxy_cfg), val_loader, proxy_cfg, ctx.num_classes,
                 ArtifactPaths.of(tmp, "proxy"), ctx.device, seed=ctx.seed + 1 + f, console=ctx.console)
         model.eval()
@@ -98,15 +113,23 @@ def proxy_outputs(ctx: StageContext, groups: list[list[int]], views: list[str], 
     return out
 
 
+def proxy_inputs(ctx: StageContext) -> dict:
+    """The config the proxy models are trained from: the common sections and the parts of distill_sar a
+    labels-only proxy reads (no teacher terms, adversarial training or layer freezing; workers change nothing)."""
+    common = {k: v for k, v in ctx.recorded_config.items() if k != STAGE}
+    common["data"] = {k: v for k, v in common["data"].items() if k != "num_workers"}
+    recipe = ctx.cfg.distill_sar.model_dump(exclude={"distill", "adversarial", "freeze_layers", "epochs"})
+    return {**common, "distill_sar": recipe}
+
+
 def proxy_results(ctx: StageContext, cands, views: list[str], anomaly_detector) -> tuple[list[CandidateResult], list[list[int]]]:
     """Every candidate's AUROC per left-out class, on proxy models that never saw it (cached)."""
     cfg = ctx.stage_cfg
     _, val_rows = ctx.data.train_val_rows("sar")
     present = sorted(set(np.unique(ctx.data.labels[val_rows]).tolist()))
     groups = proxy_groups(present, cfg.proxy_folds, cfg.proxy_left_out, seed=ctx.seed)
-    recorded = ctx.recorded_config  # the common sections (seed, data, augment, model), not the candidates
-    key = {"common": {k: v for k, v in recorded.items() if k != STAGE}, "epochs": cfg.proxy_epochs,
-           "distill_sar": ctx.cfg.distill_sar.model_dump(), "views": views, "groups": groups,
+    key = {"common": proxy_inputs(ctx), "epochs": proxy_epochs(ctx), "views": views,
+           "scales": list(ctx.cfg.infer.tta.scales), "groups": groups,
            "split_sha256": ctx.data.split_digest(), "train_fingerprint": ctx.packed.train_fingerprint,
            "anomalies": None if anomaly_detector is None else
            [anomaly_detector.anomalies_per_chip, list(anomaly_detector.anomaly_kinds)]}
@@ -114,9 +137,12 @@ def proxy_results(ctx: StageContext, cands, views: list[str], anomaly_detector) 
     results = [CandidateResult(c, {}) for c in cands]
     for f, group in enumerate(groups):
         a = {k.split("_", 1)[1]: v for k, v in arrays.items() if k.startswith(f"fold{f}_")}
+        known = np.setdiff1d(np.arange(ctx.num_classes), group)  # a model that never knew the group has no logit for it
+        train = capped_rows(a["train_labels"], cfg.max_per_class, ctx.seed)
         per_candidate = score_unseen_classes(
-            a["train_logits"], a["train_emb"], a["train_labels"], a["val_logits"], a["val_emb"], a["val_labels"], group,
-            cands, ctx.cfg.infer.ood, head=(a["head_weight"], a["head_bias"]), anomaly_emb=a.get("anomaly_emb"), seed=ctx.seed,
+            a["train_logits"][train][:, known], a["train_emb"][train], a["train_labels"][train], a["val_logits"][:, known],
+            a["val_emb"], a["val_labels"], group, cands, ctx.cfg.infer.ood,
+            head=(a["head_weight"][known], a["head_bias"][known]), anomaly_emb=a.get("anomaly_emb"), seed=ctx.seed,
         )
         for result, per_class in zip(results, per_candidate):
             result.per_class.update(per_class)

@@ -279,10 +279,19 @@ def test_select_ood_embeds_with_the_views_infer_chooses(trained, capsys):
         assert list(cache["views"]) == summary["tta"]["views"]
 
 
-def test_select_ood_with_proxy_folds_scores_classes_its_proxy_models_never_saw(trained, capsys):
+def test_select_ood_with_proxy_folds_scores_classes_its_proxy_models_never_saw(trained, capsys, monkeypatch):
     import json
 
     from stages import select_ood
+
+    seen_in_training: list[set[int]] = []  # labels of each proxy's training and epoch-selection batches
+    real_fit = select_ood.fit
+
+    def recording_fit(task, train_loader, val_loader, *args, **kwargs):
+        seen_in_training.append({int(y) for loader in (train_loader, val_loader) for b in loader for y in b["label"]})
+        return real_fit(task, train_loader, val_loader, *args, **kwargs)
+
+    monkeypatch.setattr(select_ood, "fit", recording_fit)
 
     proxy = ("--set", "select_ood.candidates=[energy,knn,hypersphere]", "--set", "select_ood.knn_k=[1]",
              "--set", "select_ood.proxy_folds=2", "--set", "select_ood.proxy_left_out=1",
@@ -306,8 +315,16 @@ def test_select_ood_with_proxy_folds_scores_classes_its_proxy_models_never_saw(t
             assert unseen in cache[f"fold{f}_val_labels"]  # ... whose validation chips it scores
             assert len(cache[f"fold{f}_anomaly_emb"]) == len(cache[f"fold{f}_train_labels"])
     assert not list((trained / "weights").glob(".ood_proxy_*"))  # the proxies' training files are gone
+    assert len(seen_in_training) == 2
+    for labels, group in zip(seen_in_training, groups):
+        assert names.index(group[0]) not in labels and len(labels) >= 2
 
     fewer = (*proxy, "--set", "select_ood.candidates=[energy,hypersphere]")  # other candidates, same proxies
     assert select_ood.main(_argv(trained, *fewer)) == 0  # the second run reads the cached proxy embeddings
     assert "proxy model 1/2" not in capsys.readouterr().out
     assert [row["label"] for row in json.loads((trained / "weights" / "ood_choice.json").read_text())["table"]] == ["energy", "hypersphere"]
+    # what the proxies never read does not retrain them; what changes their outputs does
+    assert select_ood.main(_argv(trained, *fewer, "--set", "distill_sar.distill.kd_weight=0.25")) == 0
+    assert "proxy model 1/2" not in capsys.readouterr().out and len(seen_in_training) == 2
+    assert select_ood.main(_argv(trained, *fewer, "--set", "infer.tta.scales=[1.0,0.9]")) == 0
+    assert "proxy model 1/2" in capsys.readouterr().out and len(seen_in_training) == 4

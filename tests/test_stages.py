@@ -72,21 +72,28 @@ def assert_plain_log(out: str, epochs: int) -> None:
     assert epochs_logged == [f"{e}/{epochs}" for e in range(1, epochs + 1)]
 
 
-def test_min_steps_per_epoch_lowers_the_batch_so_an_epoch_takes_that_many_steps(tiny, tmp_path, caplog):
+@pytest.mark.parametrize("resident", [False, True])
+def test_min_steps_per_epoch_lowers_the_batch_so_an_epoch_takes_that_many_steps(tiny, tmp_path, caplog, resident):
     import logging
 
     import torch
 
-    def steps(weights: Path, *extra: str) -> int:
+    def steps(weights: Path, stage, artifact: str, *extra: str) -> int:
         sar_only = ("--weights", str(weights), "--set", "distill_sar.distill.kd_weight=0", "--set",
-                    "distill_sar.distill.feature_weight=0", "--set", "distill_sar.batch_size=64", *extra)
-        assert distill_sar.main(argv(tiny, *sar_only)) == 0
-        return int(torch.load(weights / "sar_student.resume.pt", weights_only=False)["global_step"])
+                    "distill_sar.distill.feature_weight=0", "--set", "distill_sar.batch_size=40",
+                    "--set", f"data.resident={str(resident).lower()}", *extra)
+        assert stage.main(argv(tiny, *sar_only)) == 0
+        return int(torch.load(weights / f"{artifact}.resume.pt", weights_only=False)["global_step"])
 
-    assert steps(tmp_path / "plain") == 1  # ~60 training chips, batch 64: one step
+    assert steps(tmp_path / "plain", distill_sar, "sar_student") == 1  # ~60 training chips, batch 40: one step
+    capped = ("--set", "distill_sar.min_steps_per_epoch=3")
     with caplog.at_level(logging.INFO, logger="pipeline.data.module"):
-        assert steps(tmp_path / "capped", "--set", "distill_sar.min_steps_per_epoch=3") == 3
-    assert "batch size 64 -> 20" in caplog.text
+        assert steps(tmp_path / "capped", distill_sar, "sar_student", *capped) == 3
+    assert "batch size 40 -> 20" in caplog.text
+    if not resident:  # finetune_head's fast path trains on cached embeddings through its own loader
+        head = ("--set", "finetune_head.batch_size=64")
+        assert steps(tmp_path / "capped", finetune_head, "sar_final", *capped, *head) == 1
+        assert steps(tmp_path / "capped", finetune_head, "sar_final", *capped, *head, "--set", "finetune_head.min_steps_per_epoch=3") == 3
 
 
 def test_train_batch_size_never_goes_below_16_and_leaves_fixed_step_epochs_alone() -> None:
