@@ -59,8 +59,9 @@ class ChipInput(nn.Module):
         if self.intensity == "log":
             x = torch.log((x * self.std + self.mean).clamp(min=0) + 1 / 255)
         mean = x.mean(dim=(-2, -1), keepdim=True)
-        std = x.std(dim=(-2, -1), keepdim=True)
-        return (x - mean) / (std + 1e-3)
+        # sqrt(var + 1e-6), not std + 1e-3: the same scale, but a finite input gradient on a blank (constant) chip,
+        # where std's gradient is 0/0; EUC_AT and the Lipschitz penalty differentiate through clean chips
+        return (x - mean) / (x.var(dim=(-2, -1), keepdim=True) + 1e-6).sqrt()
 
 
 class ChipClassifier(nn.Module):

@@ -229,6 +229,25 @@ def test_every_kind_trains_a_step_within_the_eps_ball(kind: str) -> None:
         assert parts["euc"] >= 0
 
 
+@pytest.mark.parametrize("kind", ["fgsm", "pgd", "euc_at", "lipschitz"])
+def test_a_blank_chip_keeps_every_kind_finite(kind: str) -> None:
+    """A constant chip (the real 2022 data and the replica hold blank ones) under per-chip standardisation:
+    EUC_AT and the Lipschitz penalty differentiate through the clean chip, whose std has a 0/0 gradient."""
+    torch.manual_seed(0)
+    model = create_model("aconvnet", num_classes=3, intensity="standardize")
+    norm = (0.4, 0.2)
+    x01 = torch.rand(8, 1, 16, 16) * 0.8 + 0.1
+    x01[0] = 0.0  # blank, in the attacked (penalised) half
+    batch = {"image": (x01 - norm[0]) / norm[1], "label": torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])}
+    settings = AdversarialSettings.from_config({"kind": kind, "eps": 8, "steps": 2, "fraction": 0.5, "lambda": 0.8})
+    task = with_adversarial(ClassifierTask(model, nn.CrossEntropyLoss()), settings, norm)
+    task.train_mode()
+    loss, _ = task.loss(batch, task.module)
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_adversarial_none_is_the_task_itself_and_embeddings_are_refused() -> None:
     model = create_model("aconvnet", num_classes=3)
     task = ClassifierTask(model, nn.CrossEntropyLoss())
