@@ -173,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         val_split = (ctx.data.chip_dataset("sar", val_rows, augment=False), labels[val_rows])
         resolved = resolve_views(model, infer_cfg, ctx.device, lambda: val_split)  # the views infer will use
         ctx.console.print(f"{STAGE}: {resolved.choice.describe()}")
-        ctx.console.print(f"{STAGE}: embedding {len(train_rows)} training and {len(val_rows)} validation chips with TTA")
         out = {"views": np.array(resolved.choice.views)}
+        if proxy:  # the proxies embed their own splits: only the views are needed from the final model
+            return out
+        ctx.console.print(f"{STAGE}: embedding {len(train_rows)} training and {len(val_rows)} validation chips with TTA")
         for split, rows in (("train", train_rows), ("val", val_rows)):
             if split == "val" and resolved.validation is not None:
                 emb = resolved.validation[2]
@@ -190,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     key = {"model_sha256": model_sha, "tta": infer_cfg.tta.model_dump(), "split_sha256": ctx.data.split_digest(),
-           "train_fingerprint": ctx.packed.train_fingerprint, "rows": [len(train_rows), len(val_rows)]}
+           "train_fingerprint": ctx.packed.train_fingerprint, "rows": [len(train_rows), len(val_rows)], "views_only": proxy}
     if final_anomalies is not None:
         key["anomalies"] = {"per_chip": final_anomalies.anomalies_per_chip, "kinds": final_anomalies.anomaly_kinds,
                             "seed": ctx.seed}

@@ -181,7 +181,9 @@ def test_select_ood_runs_without_test_labels_and_infer_auto_uses_its_choice(trai
     fewer = ("--set", "select_ood.candidates=[energy,knn]")  # every detector: the toy test above; here the plumbing
     assert select_ood.main(_argv(trained, *fewer)) == 0
     out = capsys.readouterr().out
-    assert "mean AUROC" in out and "embedding" in out
+    assert "mean AUROC" in out and "TTA views" in out and "proxy model 1/" in out
+    with np.load(trained / "weights" / "ood_embeddings.npz", allow_pickle=False) as cache:
+        assert "train_emb" not in cache.files  # with proxies, the final model's splits are not embedded (only the views)
     choice = json.loads((trained / "weights" / "ood_choice.json").read_text())
     assert choice["method"] in DETECTORS
     labels = [row["label"] for row in choice["table"]]
@@ -192,7 +194,8 @@ def test_select_ood_runs_without_test_labels_and_infer_auto_uses_its_choice(trai
     assert choice["mean_auroc"] == max(row["mean_auroc"] for row in choice["table"])
 
     assert select_ood.main(_argv(trained, *fewer)) == 0  # the second run reads the cached embeddings
-    assert "embedding" not in capsys.readouterr().out
+    second = capsys.readouterr().out
+    assert "TTA views" not in second and "proxy model 1/" not in second
 
     subs = trained / "subs"
     assert infer.main(_argv(trained, "--submissions", str(subs), "--run", "auto", "--set", "infer.ood.method=auto")) == 0

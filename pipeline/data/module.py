@@ -170,8 +170,6 @@ class StageData:
         )
 
 
-
-
 def train_batch_size(train_cfg: TrainConfig, n_train: int) -> int:
     """The batch size of a training pass over `n_train` items: batch_size, lowered (not below 16) so that each
     process takes at least `min_steps_per_epoch` steps when that is set and steps_per_epoch is not."""

@@ -200,6 +200,6 @@ def score_unseen_classes(
         detector = make_detector(cand.method, ood_cfg, seed=seed, **cand.params)
         detector.fit(train_logits, train_emb, train_labels, head=head, anomalies=anomaly_emb)
         scores = detector.score(logits=val_logits, embeddings=val_emb)
-        out.append({c: auroc(seen[seen | (val_labels == c)], scores[seen | (val_labels == c)])
-                    for c in unseen if (val_labels == c).any()})
+        rows_of = {c: seen | (val_labels == c) for c in unseen if (val_labels == c).any()}  # c against the seen only
+        out.append({c: auroc(seen[rows], scores[rows]) for c, rows in rows_of.items()})
     return out
