@@ -67,7 +67,14 @@ def test_table_from_the_fit_half_round_trips_and_leaves_blank_chips_out(tmp_path
         for row, identifier in zip(table[modality], table["ids"]):
             chip = cv2.imread(str(real / folder / f"{folder}_{identifier}.png"), cv2.IMREAD_GRAYSCALE)
             assert np.abs(row.astype(float) - calibration.chip_quantiles(chip)).max() <= 0.5
+    for texture, identifier in zip(table["sar_texture"], table["ids"]):
+        chip = cv2.imread(str(real / "SAR" / f"SAR_{identifier}.png"), cv2.IMREAD_GRAYSCALE)
+        assert np.allclose(texture, calibration.texture_descriptor(chip), atol=1e-6)
     assert np.allclose(table["levels"], QUANTILE_LEVELS)
+    older = tmp_path / "older.npz"  # a table written before the texture column
+    np.savez_compressed(older, **{k: v for k, v in table.items() if k != "sar_texture"})
+    with pytest.raises(UserError, match="older version"):
+        calibration.load_table(older)
 
 
 def test_bad_real_folder_and_table_are_user_errors(tmp_path):
@@ -87,6 +94,47 @@ def test_committed_table_is_compact_and_complete():
     for modality in ("sar", "eo"):
         rows = table[modality]
         assert rows.shape == (len(table["ids"]), len(QUANTILE_LEVELS)) and np.all(np.diff(rows.astype(int), axis=1) >= 0)
+    textures = table["sar_texture"]
+    assert textures.shape == (len(table["ids"]), len(calibration.TEXTURE_LAGS))
+    assert np.all(np.diff(np.median(textures, axis=0)) < 0) and 0.5 < np.median(textures[:, 0]) < 0.95  # decays with lag
+
+
+def test_texture_descriptor_reads_the_clutter_around_the_centre_whatever_the_grey_levels():
+    rng = np.random.default_rng(2)
+    rough = rng.standard_normal((57, 57)).astype(np.float32)
+    smooth = cv2.GaussianBlur(rough, (0, 0), 2.0)
+    lags = calibration.texture_descriptor(smooth)
+    assert lags.shape == (len(calibration.TEXTURE_LAGS),) and np.all(np.diff(lags) < 0) and lags[0] > 0.8
+    assert np.all(np.abs(calibration.texture_descriptor(rough)) < 0.1)
+    assert np.allclose(calibration.texture_descriptor(3.0 * smooth + 7.0), lags, atol=1e-5)
+    centre = smooth.copy()
+    centre[19:38, 19:38] = rng.uniform(-5, 5, (19, 19))  # the object's third: not read
+    assert np.allclose(calibration.texture_descriptor(centre), lags, atol=1e-5)
+    framed = smooth.copy()
+    framed[:6] = rng.uniform(-5, 5, (6, 57))
+    assert not np.allclose(calibration.texture_descriptor(framed), lags, atol=1e-3)
+    assert np.all(calibration.texture_descriptor(np.full((56, 56), 4.0)) == 0.0)
+
+
+def test_targets_for_a_texture_come_from_the_real_chips_nearest_to_it():
+    n = 30
+    textures = np.stack([np.linspace(0.4, 0.9, n), np.linspace(0.1, 0.7, n), np.linspace(0.0, 0.5, n)], axis=1)
+    table = {"ids": np.array([str(i) for i in range(n)]), "sar_texture": textures.astype(np.float32),
+             "sar": np.repeat(np.arange(n, dtype=np.uint8)[:, None] * 8, 2, axis=1),
+             "eo": np.repeat(np.arange(n, dtype=np.uint8)[:, None] * 8, 2, axis=1)}
+    rng = np.random.default_rng(0)
+    k = calibration.TEXTURE_NEIGHBOURS
+    assert 1 < k < n // 2
+    near = set(range(21 - k // 2, 21 + k // 2))  # rows nearest to row 20 nudged up (evenly spaced rows)
+    low = set()
+    for _ in range(300):
+        target = calibration.random_targets(table, rng, textures[20] + 1e-3)
+        row = target["sar"][0] / 8.0  # between two drawn rows, nearer the first
+        assert min(near) - 1e-6 <= row <= max(near) + 1e-6
+        low.add(int(np.floor(row)))
+    assert len(low) >= k // 2  # several neighbours, not just the nearest
+    plain = {int(np.floor(calibration.random_targets(table, rng)["sar"][0] / 8.0)) for _ in range(300)}
+    assert min(plain) < min(near) - 2 and max(plain) > max(near) + 2  # without a texture: any real chip
 
 
 def test_random_targets_lie_between_two_real_chips_the_same_for_both_modalities():
@@ -103,8 +151,9 @@ def test_random_targets_lie_between_two_real_chips_the_same_for_both_modalities(
 def test_generated_chips_follow_their_drawn_targets_and_the_uncalibrated_path_does_not(monkeypatch):
     drawn = []
 
-    def recorded(table, rng):
-        drawn.append(calibration.random_targets(table, rng))
+    def recorded(table, rng, texture=None):
+        assert texture is not None and len(texture) == len(calibration.TEXTURE_LAGS)  # the rendered SAR chip's
+        drawn.append(calibration.random_targets(table, rng, texture))
         return drawn[-1]
 
     monkeypatch.setattr(synth, "random_targets", recorded)

@@ -5,9 +5,12 @@ halves (`split_ids`): the *fit* half gives a compact table of per-chip intensity
 (QUANTILE_LEVELS, grey levels 0-255, one row per real chip, SAR and EO of the same id side by side),
 written to CALIBRATION_TABLE and committed (derived statistics only, no images); the *holdout* half is
 what the realism test (`python -m pipeline.data.realism --real-subset holdout`) measures against, so the
-reported realism is not measured on the chips the table saw. The generator (pipeline.data.synth,
-CALIBRATED_MODALITIES) maps a rendered chip onto a target row near one real chip drawn at random
-(`random_targets`, `match_quantiles`).
+reported realism is not measured on the chips the table saw. The table also keeps each real SAR chip's
+texture (`texture_descriptor`: autocorrelation of the clutter around the chip's centre at TEXTURE_LAGS). The generator (pipeline.data.synth,
+CALIBRATED_MODALITIES) maps a rendered chip onto a target row near one real chip drawn among the
+TEXTURE_NEIGHBOURS real chips whose texture is nearest to its own (`random_targets`, `match_quantiles`): in
+real chips the grey-level spread and the texture go together (a smooth chip has a wide spread), and a target
+drawn at random broke that (README, realism).
 
     python -m pipeline.data.calibration --real ../shared/data/mavoc2022_sample
 """
@@ -28,6 +31,8 @@ CALIBRATION_TABLE = Path(__file__).with_name("real_quantiles.npz")
 SUBSETS = ("all", "fit", "holdout")
 MIX_MAX = 0.5  # a target is row a + w (row b - row a) of two real chips a, b, w uniform in [0, MIX_MAX]: no exact
 #                repeats of the table's rows (a classifier learned them: README, realism), still near one real chip
+TEXTURE_LAGS = (1, 2, 4)  # pixel lags of the texture descriptor (the realism statistics' autocorrelations)
+TEXTURE_NEIGHBOURS = 8  # a rendered SAR chip's target is drawn among this many real chips nearest in texture
 MODALITY_PREFIXES = ("sar_", "eo_")  # a chip's id is its file name without extension and modality prefix
 
 
@@ -79,10 +84,48 @@ def match_quantiles(chip: np.ndarray, target: np.ndarray) -> np.ndarray:
     return mapped.astype(np.float32)
 
 
-def random_targets(table: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Target quantile rows (grey levels) per modality for one chip: between two real chips of `table` drawn at
-    random, nearer the first; the same chips and weight for every modality."""
-    first, second = rng.integers(len(table["ids"]), size=2)
+def autocorrelation(z: np.ndarray, lag: int) -> float:
+    """Mean of the horizontal and vertical normalised autocorrelation of a zero-mean image at `lag` pixels
+    (0 for a flat or too small image)."""
+    if z.shape[0] <= lag or z.shape[1] <= lag:
+        return 0.0
+    var = float((z * z).mean())
+    if var < 1e-12:
+        return 0.0
+    h = float((z[:, :-lag] * z[:, lag:]).mean())
+    v = float((z[:-lag, :] * z[lag:, :]).mean())
+    return (h + v) / (2 * var)
+
+
+def texture_descriptor(chip: np.ndarray) -> np.ndarray:
+    """Autocorrelation at TEXTURE_LAGS of a chip's clutter: its frame around the central third (where the object
+    stands, so the descriptor says little about the object), independent of grey-level scale and offset."""
+    x = np.asarray(chip, dtype=np.float32)
+    frame = np.ones_like(x)
+    (n0, n1), (q0, q1) = x.shape, (x.shape[0] // 3, x.shape[1] // 3)
+    frame[q0: n0 - q0, q1: n1 - q1] = 0.0
+    z = (x - x[frame > 0].mean()) * frame
+    var = float((z * z).sum() / frame.sum())
+    if var < 1e-12:
+        return np.zeros(len(TEXTURE_LAGS), np.float32)
+    out = []
+    for lag in TEXTURE_LAGS:
+        h = float((z[:, :-lag] * z[:, lag:]).sum() / max((frame[:, :-lag] * frame[:, lag:]).sum(), 1.0))
+        v = float((z[:-lag] * z[lag:]).sum() / max((frame[:-lag] * frame[lag:]).sum(), 1.0))
+        out.append((h + v) / (2 * var))
+    return np.array(out, np.float32)
+
+
+def random_targets(table: dict[str, np.ndarray], rng: np.random.Generator,
+                   texture: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Target quantile rows (grey levels) per modality for one chip: between two real chips of `table`, nearer
+    the first, drawn at random, or, given the chip's `texture` (`texture_descriptor`), drawn among the
+    TEXTURE_NEIGHBOURS real SAR chips nearest to it; the same chips and weight for every modality."""
+    if texture is None:
+        first, second = rng.integers(len(table["ids"]), size=2)
+    else:
+        distance = ((table["sar_texture"] - np.asarray(texture, np.float32)) ** 2).sum(axis=1)
+        first, second = rng.choice(np.argsort(distance, kind="stable")[:TEXTURE_NEIGHBOURS], size=2)
     weight = rng.uniform(0.0, MIX_MAX)
     return {m: (1.0 - weight) * table[m][first].astype(np.float64) + weight * table[m][second].astype(np.float64)
             for m in ("sar", "eo")}
@@ -92,7 +135,8 @@ def random_targets(table: dict[str, np.ndarray], rng: np.random.Generator) -> di
 
 
 def build_table(real_root: Path) -> dict[str, np.ndarray]:
-    """Quantile rows of the fit half of the real chips that exist in both modalities and are not blank."""
+    """Quantile rows of the fit half of the real chips that exist in both modalities and are not blank, and
+    their SAR chips' texture descriptors."""
     from pipeline.data.realism import chip_paths, read_chips
 
     by_modality = {m: {chip_id(p): p for p in chip_paths(real_root, m)} for m in ("sar", "eo")}
@@ -102,15 +146,17 @@ def build_table(real_root: Path) -> dict[str, np.ndarray]:
                         f"(expected files like SAR_<id>.png and EO_<id>.png)")
     fit, _ = split_ids(paired)
     rows: dict[str, list[np.ndarray]] = {"sar": [], "eo": []}
-    kept = []
+    kept, textures = [], []
     for identifier in fit:
         chips = {m: 255.0 * read_chips([by_modality[m][identifier]], 1, np.random.default_rng(0))[0] for m in rows}
         if any(c.max() == c.min() for c in chips.values()):  # blank chips: the generator draws its own
             continue
         kept.append(identifier)
+        textures.append(texture_descriptor(chips["sar"]))
         for m, chip in chips.items():
             rows[m].append(chip_quantiles(chip))
     return {"levels": QUANTILE_LEVELS.astype(np.float32), "ids": np.array(kept),
+            "sar_texture": np.array(textures, np.float32).reshape(len(kept), len(TEXTURE_LAGS)),
             **{m: np.clip(np.rint(np.array(r)), 0, 255).astype(np.uint8) for m, r in rows.items()}}
 
 
@@ -120,14 +166,15 @@ def write_table(table: dict[str, np.ndarray], path: Path) -> None:
 
 @functools.lru_cache(maxsize=4)
 def load_table(path: Path = CALIBRATION_TABLE) -> dict[str, np.ndarray]:
-    """The committed table: levels, ids, and per modality an (n_chips, len(levels)) array of grey levels."""
+    """The committed table: levels, ids, per modality an (n_chips, len(levels)) array of grey levels, and
+    sar_texture, (n_chips, len(TEXTURE_LAGS))."""
     try:
         with np.load(path) as data:
             table = {k: data[k] for k in data.files}
     except OSError as err:
         raise UserError(f"cannot read the calibration table {path}: {err}") from None
-    if not np.allclose(table["levels"], QUANTILE_LEVELS):
-        raise UserError(f"{path}: quantile levels differ from QUANTILE_LEVELS; rebuild it "
+    if "sar_texture" not in table or not np.allclose(table["levels"], QUANTILE_LEVELS):
+        raise UserError(f"{path}: written by an older version (no texture column, or other quantile levels); rebuild it "
                         f"(python -m pipeline.data.calibration)")
     return table
 
@@ -148,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as err:
         raise UserError(f"cannot write {args.out}: {err.strerror or err}") from None
     print(f"wrote {args.out}: {len(table['ids'])} real chips (fit half, blank ones left out) x "
-          f"{len(QUANTILE_LEVELS)} quantiles, SAR and EO; {args.out.stat().st_size:,} bytes")
+          f"{len(QUANTILE_LEVELS)} quantiles, SAR and EO, and SAR textures; {args.out.stat().st_size:,} bytes")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.data.calibration import SUBSETS, select_subset
+from pipeline.data.calibration import SUBSETS, TEXTURE_LAGS, autocorrelation, select_subset
 from pipeline.errors import UserError, exit_on_user_error
 from pipeline.log import make_console
 
@@ -36,7 +36,7 @@ MODALITY_FOLDERS = {  # child folders that hold a modality's chips in the accept
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DARK, BRIGHT = 0.02, 0.98  # intensity thresholds of the dark and bright pixel fractions (0-1 scale)
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
-LAGS = (1, 2, 4)
+LAGS = TEXTURE_LAGS
 LOCAL_WINDOW = 5  # side of the window of the local coefficient of variation
 CNN_SIDE = 32  # the CNN sees every chip resized to this side
 FOLDS = 5
@@ -85,18 +85,6 @@ def read_chips(paths: list[Path], limit: int, rng: np.random.Generator) -> list[
 # ----------------------------------------------------------------------------- statistics
 
 
-def _autocorrelation(z: np.ndarray, lag: int) -> float:
-    """Mean of the horizontal and vertical normalised autocorrelation at `lag` pixels (0 for a flat chip)."""
-    if z.shape[0] <= lag or z.shape[1] <= lag:
-        return 0.0
-    var = float((z * z).mean())
-    if var < 1e-12:
-        return 0.0
-    h = float((z[:, :-lag] * z[:, lag:]).mean())
-    v = float((z[:-lag, :] * z[lag:, :]).mean())
-    return (h + v) / (2 * var)
-
-
 def chip_statistics(chip: np.ndarray) -> np.ndarray:
     """The STATISTICS of one chip (float image in [0, 1]), in that order."""
     x = chip.astype(np.float32)
@@ -110,7 +98,7 @@ def chip_statistics(chip: np.ndarray) -> np.ndarray:
     return np.array([
         *np.percentile(x, PERCENTILES),
         (x < DARK).mean(), (x > BRIGHT).mean(), mean, std, local_cv,
-        *(_autocorrelation(z, k) for k in LAGS),
+        *(autocorrelation(z, k) for k in LAGS),
         float((gx * gx + gy * gy).mean()), float(np.sqrt(x.size)),
     ], dtype=np.float64)
 

@@ -33,10 +33,10 @@ import cv2
 import numpy as np
 
 from pipeline.classes import NUM_OFFICIAL_CLASSES, OFFICIAL_COUNTS, OFFICIAL_NAMES, OOD_LABEL
-from pipeline.data.calibration import load_table, match_quantiles, random_targets
+from pipeline.data.calibration import load_table, match_quantiles, random_targets, texture_descriptor
 from pipeline.errors import UserError, exit_on_user_error
 
-GENERATOR_VERSION = 4  # bump on any change to what the generator draws: run_all regenerates its default dataset
+GENERATOR_VERSION = 5  # bump on any change to what the generator draws: run_all regenerates its default dataset
 EXTENT_M = 12.0  # ground side of every chip in metres, both modalities
 QUICK_TOTAL = 4_000  # training pairs of the quick scale
 FLOOR = 40  # fewest training pairs per class at the quick and integer scales
@@ -53,21 +53,21 @@ EO_NOISE = (1.0, 3.5)  # range of the sd of the sensor noise (grey levels)
 SAR_SUPERSAMPLE = 2
 # SAR: calibrated by eye and with python -m pipeline.data.realism against the real 2022 chips (README, realism)
 SAR_MARGIN = 8  # px of SAR canvas beyond each chip side: clutter, speckle and blur are computed there, then cropped
-SAR_RESOLUTION_PX = ((1.8, 2.2), (0.55, 0.75))  # impulse response: range of its width (px) along its long axis;
+SAR_RESOLUTION_PX = ((1.3, 1.6), (0.75, 0.95))  # impulse response: range of its width (px) along its long axis;
 #                                                 range of the ratio across / along (elongated speckle grains)
 SAR_LOOKS = 1  # independent looks averaged into the intensity (1: deep dark speckle nulls, as in the real chips)
-SAR_TEXTURE_DEPTH = (0.8, 1.4)  # range of the sd of the log clutter reflectivity (large-scale texture)
+SAR_TEXTURE_DEPTH = (1.2, 2.0)  # range of the sd of the log clutter reflectivity (large-scale texture)
 SAR_TEXTURE_GRAIN_PX = (8.0, 20.0)  # range of the grain (Gaussian sd, px) of that texture
 SAR_CONTRAST_LOG10 = (-0.3, 0.5)  # range of the log10 target-to-clutter ratio
 SAR_DISPLAY_POWER = (0.16, 0.18)  # range of the Box-Cox power of the display mapping (0: log, 0.5: amplitude)
 SAR_DISPLAY_SPREAD = (0.2, 0.012)  # mean, sd of the display contrast (fraction of the level per unit transformed ratio)
 SAR_DISPLAY_LEVEL = (0.39, 0.04)  # mean, sd of the display level of the chip's median intensity (0-1)
 SAR_DISPLAY_TOE = (0.07, 0.08)  # range of the display level below which values are compressed towards 0
-SAR_PIXEL_NOISE = (0.02, 0.03)  # range of the sd of pixel-level display noise (receiver, resampling)
+SAR_PIXEL_NOISE = (0.0, 0.01)  # range of the sd of pixel-level display noise (receiver, resampling)
 SAR_SIZE_MIX = {56: 328, 57: 39, 58: 42, 59: 4}  # SAR chip sides in the 413 real 2022 chips (their counts)
 SAR_PX_PER_M = 56 / EXTENT_M  # pixel spacing of the size mix: a 56-px chip spans EXTENT_M
 # Calibration to the real chips (pipeline.data.calibration): each chip's intensities are mapped onto the quantiles of
-# one real chip drawn at random; set on the fit half of the real sample's realism statistics (README, realism)
+# one real chip drawn among those nearest in texture (SAR); set on the fit half of the real sample's realism statistics (README, realism)
 CALIBRATE_TO_REAL = True  # the default of generate(); --uncalibrated turns it off (the chips of generator version 3)
 CALIBRATED_MODALITIES = ("sar",)  # which modalities it maps when on; EO left out: its realism CNN AUROC rose (README)
 EO_CALIBRATED_NOISE = 0.5  # EO, where calibrated: the sensor noise, added after the mapping, at this fraction of EO_NOISE
@@ -854,8 +854,8 @@ def render_pair(kind: int, rng: np.random.Generator, eo_size: int, sar_size: int
 
     sar_size None (or 0): each chip's side is drawn from the real size mix at one pixel spacing.
     calibrate (None: CALIBRATE_TO_REAL): after rendering, the chips' intensities are mapped onto quantile rows
-    of the calibration table (`random_targets`: near one real chip drawn at random, the same one for both
-    modalities), drawn last, whatever the kind, so the scenes are those of the uncalibrated path (generator
+    of the calibration table (`random_targets`: near one real chip drawn among those whose SAR texture is
+    nearest to the rendered SAR chip's, the same one for both modalities), drawn last, whatever the kind, so the scenes are those of the uncalibrated path (generator
     version 3 to the byte)."""
     shape, scene = build_scene(kind, rng)
     size = sar_size or sar_chip_size(rng)
@@ -863,7 +863,7 @@ def render_pair(kind: int, rng: np.random.Generator, eo_size: int, sar_size: int
     sar = _sar_display(shape, scene, rng, size, extent)
     eo = _eo_display(shape, scene, rng, eo_size) if with_eo else None
     if CALIBRATE_TO_REAL if calibrate is None else calibrate:
-        target = random_targets(load_table(), rng)
+        target = random_targets(load_table(), rng, None if sar is None else texture_descriptor(sar))
         if sar is not None and "sar" in CALIBRATED_MODALITIES:
             sar = match_quantiles(sar, target["sar"])
         if eo is not None and "eo" in CALIBRATED_MODALITIES:  # the image is mapped, its noise is not stretched
