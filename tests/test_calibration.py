@@ -75,6 +75,10 @@ def test_table_from_the_fit_half_round_trips_and_leaves_blank_chips_out(tmp_path
     np.savez_compressed(older, **{k: v for k, v in table.items() if k != "sar_texture"})
     with pytest.raises(UserError, match="older version"):
         calibration.load_table(older)
+    other_lags = tmp_path / "other_lags.npz"
+    np.savez_compressed(other_lags, **{**table, "texture_lags": np.array([1, 3, 5], np.int16)})
+    with pytest.raises(UserError, match="older version"):
+        calibration.load_table(other_lags)
 
 
 def test_bad_real_folder_and_table_are_user_errors(tmp_path):
@@ -113,7 +117,8 @@ def test_texture_descriptor_reads_the_clutter_around_the_centre_whatever_the_gre
     framed = smooth.copy()
     framed[:6] = rng.uniform(-5, 5, (6, 57))
     assert not np.allclose(calibration.texture_descriptor(framed), lags, atol=1e-3)
-    assert np.all(calibration.texture_descriptor(np.full((56, 56), 4.0)) == 0.0)
+    assert np.all(np.isnan(calibration.texture_descriptor(np.full((56, 56), 4.0))))  # no texture to match
+    assert np.all(np.isnan(calibration.texture_descriptor(rough[:2, :2])))  # no frame
 
 
 def test_targets_for_a_texture_come_from_the_real_chips_nearest_to_it():
@@ -126,15 +131,18 @@ def test_targets_for_a_texture_come_from_the_real_chips_nearest_to_it():
     k = calibration.TEXTURE_NEIGHBOURS
     assert 1 < k < n // 2
     near = set(range(21 - k // 2, 21 + k // 2))  # rows nearest to row 20 nudged up (evenly spaced rows)
-    low = set()
+    low, exact = set(), 0
     for _ in range(300):
         target = calibration.random_targets(table, rng, textures[20] + 1e-3)
         row = target["sar"][0] / 8.0  # between two drawn rows, nearer the first
         assert min(near) - 1e-6 <= row <= max(near) + 1e-6
         low.add(int(np.floor(row)))
+        exact += abs(row - round(row)) < 1e-9
     assert len(low) >= k // 2  # several neighbours, not just the nearest
-    plain = {int(np.floor(calibration.random_targets(table, rng)["sar"][0] / 8.0)) for _ in range(300)}
-    assert min(plain) < min(near) - 2 and max(plain) > max(near) + 2  # without a texture: any real chip
+    assert exact == 0  # two different rows mixed: no exact copy of a real chip's row
+    for texture in (None, np.full(3, np.nan)):  # without a texture: any real chip
+        plain = {int(np.floor(calibration.random_targets(table, rng, texture)["sar"][0] / 8.0)) for _ in range(300)}
+        assert min(plain) < min(near) - 2 and max(plain) > max(near) + 2
 
 
 def test_random_targets_lie_between_two_real_chips_the_same_for_both_modalities():
@@ -152,9 +160,11 @@ def test_generated_chips_follow_their_drawn_targets_and_the_uncalibrated_path_do
     drawn = []
 
     def recorded(table, rng, texture=None):
-        assert texture is not None and len(texture) == len(calibration.TEXTURE_LAGS)  # the rendered SAR chip's
         drawn.append(calibration.random_targets(table, rng, texture))
+        textures.append(texture)
         return drawn[-1]
+
+    textures = []
 
     monkeypatch.setattr(synth, "random_targets", recorded)
     default_modalities = synth.CALIBRATED_MODALITIES
@@ -164,6 +174,8 @@ def test_generated_chips_follow_their_drawn_targets_and_the_uncalibrated_path_do
     calibrated = [synth.render_pair(i, synth.object_rng(3, 0, i), 32, 56, calibrate=True) for i in range(6)]
     plain = [synth.render_pair(i, synth.object_rng(3, 0, i), 32, 56, calibrate=False) for i in range(6)]
     assert len(drawn) == 6
+    for texture, (_, sar_plain) in zip(textures[-6:], plain):  # the rendered SAR chip's texture, before the mapping
+        assert np.allclose(texture, calibration.texture_descriptor(sar_plain), atol=0.01)
     for (eo_default, sar_default), (eo, sar), (eo_plain, _) in zip(default, calibrated, plain):
         assert np.array_equal(sar_default, sar)  # the modalities are mapped independently of one another
         assert np.array_equal(eo_default, eo_plain) == ("eo" not in default_modalities)

@@ -99,33 +99,40 @@ def autocorrelation(z: np.ndarray, lag: int) -> float:
 
 def texture_descriptor(chip: np.ndarray) -> np.ndarray:
     """Autocorrelation at TEXTURE_LAGS of a chip's clutter: its frame around the central third (where the object
-    stands, so the descriptor says little about the object), independent of grey-level scale and offset."""
-    x = np.asarray(chip, dtype=np.float32)
-    frame = np.ones_like(x)
+    stands, so the descriptor says little about the object); the same for any affine map of the grey levels. NaN
+    where the frame is flat or empty (no texture to match). The generator reads it on the rendered chip before
+    `match_quantiles`, whose map is increasing but not affine: the mapped chip's descriptor differs by about 0.015
+    a lag (README, realism; a descriptor of grey-level ranks, the same before and after, matched worse)."""
+    x = np.asarray(chip, dtype=np.float64)
+    frame = np.zeros(x.shape, dtype=bool)
     (n0, n1), (q0, q1) = x.shape, (x.shape[0] // 3, x.shape[1] // 3)
-    frame[q0: n0 - q0, q1: n1 - q1] = 0.0
-    z = (x - x[frame > 0].mean()) * frame
+    frame[:q0], frame[n0 - q0:], frame[:, :q1], frame[:, n1 - q1:] = True, True, True, True
+    undefined = np.full(len(TEXTURE_LAGS), np.nan, np.float32)
+    if q0 == 0 or q1 == 0 or np.ptp(x[frame]) == 0:
+        return undefined
+    z = np.zeros_like(x)
+    z[frame] = x[frame] - x[frame].mean()
     var = float((z * z).sum() / frame.sum())
-    if var < 1e-12:
-        return np.zeros(len(TEXTURE_LAGS), np.float32)
+    weight = frame.astype(np.float64)
     out = []
     for lag in TEXTURE_LAGS:
-        h = float((z[:, :-lag] * z[:, lag:]).sum() / max((frame[:, :-lag] * frame[:, lag:]).sum(), 1.0))
-        v = float((z[:-lag] * z[lag:]).sum() / max((frame[:-lag] * frame[lag:]).sum(), 1.0))
+        h = (z[:, :-lag] * z[:, lag:]).sum() / max((weight[:, :-lag] * weight[:, lag:]).sum(), 1.0)
+        v = (z[:-lag] * z[lag:]).sum() / max((weight[:-lag] * weight[lag:]).sum(), 1.0)
         out.append((h + v) / (2 * var))
     return np.array(out, np.float32)
 
 
 def random_targets(table: dict[str, np.ndarray], rng: np.random.Generator,
                    texture: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Target quantile rows (grey levels) per modality for one chip: between two real chips of `table`, nearer
-    the first, drawn at random, or, given the chip's `texture` (`texture_descriptor`), drawn among the
-    TEXTURE_NEIGHBOURS real SAR chips nearest to it; the same chips and weight for every modality."""
-    if texture is None:
+    """Target quantile rows (grey levels) per modality for one chip: between two real chips of `table`, nearer the
+    first, drawn at random, or, given the chip's `texture` (`texture_descriptor`; ignored if NaN), two different
+    ones among the TEXTURE_NEIGHBOURS real SAR chips nearest to it; the same chips and weight for every modality."""
+    if texture is None or not np.all(np.isfinite(texture)):
         first, second = rng.integers(len(table["ids"]), size=2)
     else:
-        distance = ((table["sar_texture"] - np.asarray(texture, np.float32)) ** 2).sum(axis=1)
-        first, second = rng.choice(np.argsort(distance, kind="stable")[:TEXTURE_NEIGHBOURS], size=2)
+        distance = ((table["sar_texture"].astype(np.float64) - np.asarray(texture, np.float64)) ** 2).sum(axis=1)
+        near = np.argsort(distance, kind="stable")[:TEXTURE_NEIGHBOURS]
+        first, second = rng.choice(near, size=2, replace=len(near) < 2)  # two different chips: no exact row
     weight = rng.uniform(0.0, MIX_MAX)
     return {m: (1.0 - weight) * table[m][first].astype(np.float64) + weight * table[m][second].astype(np.float64)
             for m in ("sar", "eo")}
@@ -157,6 +164,7 @@ def build_table(real_root: Path) -> dict[str, np.ndarray]:
             rows[m].append(chip_quantiles(chip))
     return {"levels": QUANTILE_LEVELS.astype(np.float32), "ids": np.array(kept),
             "sar_texture": np.array(textures, np.float32).reshape(len(kept), len(TEXTURE_LAGS)),
+            "texture_lags": np.array(TEXTURE_LAGS, np.int16),
             **{m: np.clip(np.rint(np.array(r)), 0, 255).astype(np.uint8) for m, r in rows.items()}}
 
 
@@ -167,15 +175,18 @@ def write_table(table: dict[str, np.ndarray], path: Path) -> None:
 @functools.lru_cache(maxsize=4)
 def load_table(path: Path = CALIBRATION_TABLE) -> dict[str, np.ndarray]:
     """The committed table: levels, ids, per modality an (n_chips, len(levels)) array of grey levels, and
-    sar_texture, (n_chips, len(TEXTURE_LAGS))."""
+    sar_texture, (n_chips, len(TEXTURE_LAGS)), with the texture_lags it was computed at."""
     try:
         with np.load(path) as data:
             table = {k: data[k] for k in data.files}
     except OSError as err:
         raise UserError(f"cannot read the calibration table {path}: {err}") from None
-    if "sar_texture" not in table or not np.allclose(table["levels"], QUANTILE_LEVELS):
-        raise UserError(f"{path}: written by an older version (no texture column, or other quantile levels); rebuild it "
-                        f"(python -m pipeline.data.calibration)")
+    current = ("sar_texture" in table and "texture_lags" in table and tuple(table["texture_lags"]) == TEXTURE_LAGS
+               and table["sar_texture"].shape == (len(table["ids"]), len(TEXTURE_LAGS))
+               and np.allclose(table["levels"], QUANTILE_LEVELS))
+    if not current:
+        raise UserError(f"{path}: written by an older version (no texture column, other texture lags or other "
+                        f"quantile levels); rebuild it (python -m pipeline.data.calibration)")
     return table
 
 

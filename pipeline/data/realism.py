@@ -25,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pipeline.data.calibration import SUBSETS, TEXTURE_LAGS, autocorrelation, select_subset
+from pipeline.data.calibration import SUBSETS, autocorrelation, select_subset
 from pipeline.errors import UserError, exit_on_user_error
 from pipeline.log import make_console
 
@@ -36,7 +36,7 @@ MODALITY_FOLDERS = {  # child folders that hold a modality's chips in the accept
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DARK, BRIGHT = 0.02, 0.98  # intensity thresholds of the dark and bright pixel fractions (0-1 scale)
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
-LAGS = TEXTURE_LAGS
+LAGS = (1, 2, 4)
 LOCAL_WINDOW = 5  # side of the window of the local coefficient of variation
 CNN_SIDE = 32  # the CNN sees every chip resized to this side
 FOLDS = 5

@@ -58,7 +58,7 @@ SAR_RESOLUTION_PX = ((1.3, 1.6), (0.75, 0.95))  # impulse response: range of its
 SAR_LOOKS = 1  # independent looks averaged into the intensity (1: deep dark speckle nulls, as in the real chips)
 SAR_TEXTURE_DEPTH = (1.2, 2.0)  # range of the sd of the log clutter reflectivity (large-scale texture)
 SAR_TEXTURE_GRAIN_PX = (8.0, 20.0)  # range of the grain (Gaussian sd, px) of that texture
-SAR_CONTRAST_LOG10 = (-0.3, 0.5)  # range of the log10 target-to-clutter ratio
+SAR_CONTRAST_LOG10 = (-0.2, 0.6)  # range of the log10 target-to-clutter ratio (0.1 up in version 5: the deeper clutter hid the class)
 SAR_DISPLAY_POWER = (0.16, 0.18)  # range of the Box-Cox power of the display mapping (0: log, 0.5: amplitude)
 SAR_DISPLAY_SPREAD = (0.2, 0.012)  # mean, sd of the display contrast (fraction of the level per unit transformed ratio)
 SAR_DISPLAY_LEVEL = (0.39, 0.04)  # mean, sd of the display level of the chip's median intensity (0-1)
@@ -68,7 +68,7 @@ SAR_SIZE_MIX = {56: 328, 57: 39, 58: 42, 59: 4}  # SAR chip sides in the 413 rea
 SAR_PX_PER_M = 56 / EXTENT_M  # pixel spacing of the size mix: a 56-px chip spans EXTENT_M
 # Calibration to the real chips (pipeline.data.calibration): each chip's intensities are mapped onto the quantiles of
 # one real chip drawn among those nearest in texture (SAR); set on the fit half of the real sample's realism statistics (README, realism)
-CALIBRATE_TO_REAL = True  # the default of generate(); --uncalibrated turns it off (the chips of generator version 3)
+CALIBRATE_TO_REAL = True  # the default of generate(); --uncalibrated turns it off (this version's chips, unmapped)
 CALIBRATED_MODALITIES = ("sar",)  # which modalities it maps when on; EO left out: its realism CNN AUROC rose (README)
 EO_CALIBRATED_NOISE = 0.5  # EO, where calibrated: the sensor noise, added after the mapping, at this fraction of EO_NOISE
 BLANK_PROBABILITY = 1 / 413  # all-zero SAR chips (one in the real sample)
@@ -855,8 +855,8 @@ def render_pair(kind: int, rng: np.random.Generator, eo_size: int, sar_size: int
     sar_size None (or 0): each chip's side is drawn from the real size mix at one pixel spacing.
     calibrate (None: CALIBRATE_TO_REAL): after rendering, the chips' intensities are mapped onto quantile rows
     of the calibration table (`random_targets`: near one real chip drawn among those whose SAR texture is
-    nearest to the rendered SAR chip's, the same one for both modalities), drawn last, whatever the kind, so the scenes are those of the uncalibrated path (generator
-    version 3 to the byte)."""
+    nearest to the rendered SAR chip's, the same one for both modalities), drawn last, whatever the kind, so the
+    scenes are those of the uncalibrated path (to the byte)."""
     shape, scene = build_scene(kind, rng)
     size = sar_size or sar_chip_size(rng)
     extent = EXTENT_M if sar_size else size / SAR_PX_PER_M  # the real mix keeps one pixel spacing
@@ -981,7 +981,7 @@ def generate(out: Path, scale: str | int = "quick", seed: int = 0, eo_size: int 
     """Write the synthetic dataset into the new or empty folder `out`; returns a summary dict.
 
     sar_size None: SAR chip sides follow the real 56-59 px mix (SAR_SIZE_MIX) at one pixel spacing.
-    calibrate False: no mapping onto the real chips' quantiles (the chips of generator version 3)."""
+    calibrate False: no mapping onto the real chips' quantiles (this version's chips, unmapped)."""
     start = time.perf_counter()
     out = Path(out).expanduser()
     workers = _validate(seed, eo_size, sar_size, workers)
@@ -1055,7 +1055,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="SAR chip side in pixels (default: the real 2022 mix of 56-59 px at one pixel spacing)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all CPU cores)")
     p.add_argument("--uncalibrated", action="store_true",
-                   help="skip the mapping of chip intensities onto real chips' quantiles (generator version 3 chips)")
+                   help="skip the mapping of chip intensities onto real chips' quantiles (this version's chips, unmapped)")
     return p.parse_args(argv)
 
 
