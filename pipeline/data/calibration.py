@@ -6,9 +6,9 @@ halves (`split_ids`): the *fit* half gives a compact table of per-chip intensity
 written to CALIBRATION_TABLE and committed (derived statistics only, no images); the *holdout* half is
 what the realism test (`python -m pipeline.data.realism --real-subset holdout`) measures against, so the
 reported realism is not measured on the chips the table saw. The table also keeps each real SAR chip's
-texture (`texture_descriptor`: autocorrelation of the clutter around the chip's centre at TEXTURE_LAGS). The generator (pipeline.data.synth,
-CALIBRATED_MODALITIES) maps a rendered chip onto a target row near one real chip drawn among the
-TEXTURE_NEIGHBOURS real chips whose texture is nearest to its own (`random_targets`, `match_quantiles`): in
+texture (`texture_descriptor`: autocorrelation of the clutter around the chip's centre at TEXTURE_LAGS). The
+generator (pipeline.data.synth, CALIBRATED_MODALITIES) maps a rendered chip onto a target row near one real chip
+drawn among the TEXTURE_NEIGHBOURS real chips whose texture is nearest to its own (`random_targets`, `match_quantiles`): in
 real chips the grey-level spread and the texture go together (a smooth chip has a wide spread), and a target
 drawn at random broke that (README, realism).
 
@@ -84,16 +84,18 @@ def match_quantiles(chip: np.ndarray, target: np.ndarray) -> np.ndarray:
     return mapped.astype(np.float32)
 
 
-def autocorrelation(z: np.ndarray, lag: int) -> float:
-    """Mean of the horizontal and vertical normalised autocorrelation of a zero-mean image at `lag` pixels
-    (0 for a flat or too small image)."""
+def autocorrelation(z: np.ndarray, lag: int, mask: np.ndarray | None = None) -> float:
+    """Mean of the horizontal and vertical normalised autocorrelation of a zero-mean image at `lag` pixels, over
+    the pixel pairs that lie wholly in `mask` (boolean, default all; `z` is zero outside it); 0 for a flat or too
+    small image."""
     if z.shape[0] <= lag or z.shape[1] <= lag:
         return 0.0
-    var = float((z * z).mean())
+    inside = np.ones(z.shape, dtype=bool) if mask is None else mask
+    var = float((z * z).sum() / max(inside.sum(), 1))
     if var < 1e-12:
         return 0.0
-    h = float((z[:, :-lag] * z[:, lag:]).mean())
-    v = float((z[:-lag, :] * z[lag:, :]).mean())
+    h = float((z[:, :-lag] * z[:, lag:]).sum() / max((inside[:, :-lag] & inside[:, lag:]).sum(), 1))
+    v = float((z[:-lag, :] * z[lag:, :]).sum() / max((inside[:-lag, :] & inside[lag:, :]).sum(), 1))
     return (h + v) / (2 * var)
 
 
@@ -107,19 +109,10 @@ def texture_descriptor(chip: np.ndarray) -> np.ndarray:
     frame = np.zeros(x.shape, dtype=bool)
     (n0, n1), (q0, q1) = x.shape, (x.shape[0] // 3, x.shape[1] // 3)
     frame[:q0], frame[n0 - q0:], frame[:, :q1], frame[:, n1 - q1:] = True, True, True, True
-    undefined = np.full(len(TEXTURE_LAGS), np.nan, np.float32)
     if q0 == 0 or q1 == 0 or np.ptp(x[frame]) == 0:
-        return undefined
-    z = np.zeros_like(x)
-    z[frame] = x[frame] - x[frame].mean()
-    var = float((z * z).sum() / frame.sum())
-    weight = frame.astype(np.float64)
-    out = []
-    for lag in TEXTURE_LAGS:
-        h = (z[:, :-lag] * z[:, lag:]).sum() / max((weight[:, :-lag] * weight[:, lag:]).sum(), 1.0)
-        v = (z[:-lag] * z[lag:]).sum() / max((weight[:-lag] * weight[lag:]).sum(), 1.0)
-        out.append((h + v) / (2 * var))
-    return np.array(out, np.float32)
+        return np.full(len(TEXTURE_LAGS), np.nan, np.float32)
+    z = np.where(frame, x - x[frame].mean(), 0.0)
+    return np.array([autocorrelation(z, lag, frame) for lag in TEXTURE_LAGS], np.float32)
 
 
 def random_targets(table: dict[str, np.ndarray], rng: np.random.Generator,

@@ -58,7 +58,7 @@ SAR_RESOLUTION_PX = ((1.3, 1.6), (0.75, 0.95))  # impulse response: range of its
 SAR_LOOKS = 1  # independent looks averaged into the intensity (1: deep dark speckle nulls, as in the real chips)
 SAR_TEXTURE_DEPTH = (1.2, 2.0)  # range of the sd of the log clutter reflectivity (large-scale texture)
 SAR_TEXTURE_GRAIN_PX = (8.0, 20.0)  # range of the grain (Gaussian sd, px) of that texture
-SAR_CONTRAST_LOG10 = (-0.2, 0.6)  # range of the log10 target-to-clutter ratio (0.1 up in version 5: the deeper clutter hid the class)
+SAR_CONTRAST_LOG10 = (-0.2, 0.6)  # range of the log10 target-to-clutter ratio (0.1 up in version 5: deeper clutter hid the class)
 SAR_DISPLAY_POWER = (0.16, 0.18)  # range of the Box-Cox power of the display mapping (0: log, 0.5: amplitude)
 SAR_DISPLAY_SPREAD = (0.2, 0.012)  # mean, sd of the display contrast (fraction of the level per unit transformed ratio)
 SAR_DISPLAY_LEVEL = (0.39, 0.04)  # mean, sd of the display level of the chip's median intensity (0-1)
@@ -67,7 +67,8 @@ SAR_PIXEL_NOISE = (0.0, 0.01)  # range of the sd of pixel-level display noise (r
 SAR_SIZE_MIX = {56: 328, 57: 39, 58: 42, 59: 4}  # SAR chip sides in the 413 real 2022 chips (their counts)
 SAR_PX_PER_M = 56 / EXTENT_M  # pixel spacing of the size mix: a 56-px chip spans EXTENT_M
 # Calibration to the real chips (pipeline.data.calibration): each chip's intensities are mapped onto the quantiles of
-# one real chip drawn among those nearest in texture (SAR); set on the fit half of the real sample's realism statistics (README, realism)
+# one real chip drawn among those nearest in texture (SAR); set on the fit half of the real sample's realism statistics
+# (README, realism)
 CALIBRATE_TO_REAL = True  # the default of generate(); --uncalibrated turns it off (this version's chips, unmapped)
 CALIBRATED_MODALITIES = ("sar",)  # which modalities it maps when on; EO left out: its realism CNN AUROC rose (README)
 EO_CALIBRATED_NOISE = 0.5  # EO, where calibrated: the sensor noise, added after the mapping, at this fraction of EO_NOISE
