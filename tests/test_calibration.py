@@ -157,14 +157,12 @@ def test_random_targets_lie_between_two_real_chips_the_same_for_both_modalities(
 
 
 def test_generated_chips_follow_their_drawn_targets_and_the_uncalibrated_path_does_not(monkeypatch):
-    drawn = []
+    drawn, textures = [], []
 
     def recorded(table, rng, texture=None):
         drawn.append(calibration.random_targets(table, rng, texture))
         textures.append(texture)
         return drawn[-1]
-
-    textures = []
 
     monkeypatch.setattr(synth, "random_targets", recorded)
     default_modalities = synth.CALIBRATED_MODALITIES
