@@ -301,7 +301,8 @@ def is_better_epoch(metrics: dict[str, Any], best: dict[str, Any], tie: float = 
 
 
 def _epoch_row(
-    epoch: int, train: dict[str, float], metrics: dict[str, Any], lr: float, images_per_s: float, seconds: float
+    epoch: int, train: dict[str, float], metrics: dict[str, Any], lr: float, images_per_s: float, seconds: float,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"epoch": epoch}
     row.update({f"train_{k}": v for k, v in train.items()})
@@ -316,7 +317,7 @@ def _epoch_row(
         }
     )
     row.update({f"val_recall_{c}": r for c, r in enumerate(metrics["per_class_recall"])})
-    row.update({"images_per_s": images_per_s, "epoch_seconds": seconds})
+    row.update({"images_per_s": images_per_s, "epoch_seconds": seconds, "batch_size": batch_size})
     return row
 
 
@@ -541,7 +542,8 @@ class _Trainer:
             train_stats, lr, images_per_s = self.train_epoch(train_loader)
             metrics, state = self.validate(val_loader)
             self.epoch += 1
-            row = _epoch_row(self.epoch, train_stats, metrics, lr, images_per_s, time.perf_counter() - start)
+            row = _epoch_row(self.epoch, train_stats, metrics, lr, images_per_s, time.perf_counter() - start,
+                             getattr(train_loader, "batch_size", None))
             self.history.append(row)
             is_best = self.best_state is None or is_better_epoch(metrics, self.best_metrics)
             if is_best:

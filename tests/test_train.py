@@ -139,8 +139,9 @@ def test_fit_learns_a_separable_problem_and_writes_metrics(tmp_path, capsys) -> 
     rows = list(csv.DictReader(open(tmp_path / "art.metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     for name in ("train_loss", "lr", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1",
-                 "val_recall_0", "val_recall_2", "images_per_s", "epoch_seconds"):
+                 "val_recall_0", "val_recall_2", "images_per_s", "epoch_seconds", "batch_size"):
         assert name in rows[0], name
+    assert int(rows[0]["batch_size"]) == _loaders()[0].batch_size  # the batch the loader really drew (bench.train reads it)
     assert float(rows[1]["val_balanced_accuracy"]) == pytest.approx(result.history[1]["val_balanced_accuracy"])
     assert "training summary" in console.file.getvalue()  # tables stay on the console
     assert re.search(r"INFO pipeline\.train: epoch +3/3 ", capsys.readouterr().out)  # epoch lines are log records

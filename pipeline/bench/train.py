@@ -2,8 +2,9 @@
 
 Reads the per-epoch images/s that `fit` logged in `<weights>/<artifact>.metrics.csv` (best epoch
 rate; the first epoch pays for warm-up) and times the bare model of the artifact (random input of the
-same size, same batch size, forward + backward + AdamW step) on this machine. The ratio is the
-training loop's overhead: data loading, augmentation, the teacher's forward in distillation, metrics.
+same size, the batch the stage really drew, forward + backward + AdamW step) on the same device, with
+the same bf16 autocast on CUDA. The ratio is the training loop's overhead: data loading, augmentation,
+the teacher's forward in distillation, metrics.
 
     python -m pipeline.bench.train --weights weights --profile quick
 """
@@ -25,38 +26,60 @@ from pipeline.artifacts import ArtifactPaths
 from pipeline.registry import ARTIFACT_OF_STAGE
 from pipeline.config import load_config
 from pipeline.models import model_from_spec
+from pipeline.stage import select_device
 
 
-def bare_rate(spec: dict, batch_size: int, steps: int = 6, head_only: bool = False) -> float:
-    """Images/s of forward + backward + optimizer step on random chips (or embeddings for head_only)."""
+def bare_rate(spec: dict, batch_size: int, steps: int = 6, head_only: bool = False,
+              device: torch.device = torch.device("cpu")) -> float:
+    """Images/s of forward + backward + optimizer step on random chips (or embeddings for head_only), median step."""
     torch.manual_seed(0)
-    model = model_from_spec(spec).train()
-    h, w = spec["input_size"]
+    model = model_from_spec(spec).train().to(device)
+    h, w = (spec["window"],) * 2 if spec.get("window") else spec["input_size"]  # training crops the window
     if head_only:
-        module, x = model.classifier, torch.randn(batch_size, model.embed_dim)
+        module, x = model.classifier, torch.randn(batch_size, model.embed_dim, device=device)
     else:
-        module, x = model, torch.randn(batch_size, 1, h, w)
-    y = torch.randint(0, spec["num_classes"], (batch_size,))
+        module, x = model, torch.randn(batch_size, 1, h, w, device=device)
+    y = torch.randint(0, spec["num_classes"], (batch_size,), device=device)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        loss = torch.nn.functional.cross_entropy(module(x), y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = torch.nn.functional.cross_entropy(module(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return batch_size / sorted(times[1:])[len(times[1:]) // 2]
+
+
+def trained_batch_size(history: pd.DataFrame, configured: int) -> int:
+    """The batch the stage's loader drew (metrics.csv `batch_size`; min_steps_per_epoch may have lowered it)."""
+    if "batch_size" in history and history["batch_size"].notna().any():
+        return int(history["batch_size"].dropna().iloc[-1])
+    return configured
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, default=Path("weights"))
     parser.add_argument("--profile", default="quick", help="profile the artifacts were trained with (batch sizes)")
+    parser.add_argument("--device", default="auto", help="where the bare model is timed: the stages' device (auto | cpu | cuda)")
     args = parser.parse_args(argv)
+    device = select_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the stages set it
     cfg = load_config(args.profile)
     console = Console()
-    table = Table(title=f"training loop vs bare model ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    table = Table(title=f"training loop vs bare model ({_device_name(device)})")
     for col in ("stage", "input", "batch", "stage img/s", "bare fwd+bwd img/s", "stage / bare", "val bal acc"):
         table.add_column(col, justify="right" if col != "stage" else "left")
     for stage, artifact in ARTIFACT_OF_STAGE.items():
@@ -68,10 +91,11 @@ def main(argv: list[str] | None = None) -> None:
         history = pd.read_csv(paths.metrics_csv)
         stage_rate = float(history["images_per_s"].max())
         stage_cfg = cfg.section(stage)
-        batch = stage_cfg.batch_size
+        batch = trained_batch_size(history, stage_cfg.batch_size)
         head_only = stage == "finetune_head" and not stage_cfg.augment
-        bare = bare_rate(manifest["model"], batch, head_only=head_only)
-        size = "x".join(map(str, manifest["model"]["input_size"])) + (" (embeddings)" if head_only else "")
+        spec = manifest["model"]
+        bare = bare_rate(spec, batch, head_only=head_only, device=device)
+        size = "x".join(map(str, (spec["window"],) * 2 if spec.get("window") else spec["input_size"])) + (" (embeddings)" if head_only else "")
         table.add_row(stage, size, str(batch), f"{stage_rate:,.0f}", f"{bare:,.0f}", f"{stage_rate / bare:.2f}",
                       f"{manifest['metrics'].get('balanced_accuracy', float('nan')):.3f}")
     console.print(table)

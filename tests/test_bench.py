@@ -1,0 +1,37 @@
+"""Benchmark helpers whose figures go into the README: the bare-model rate they divide by must be the
+one the stage trained at (same batch, same input)."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from pipeline.bench.train import bare_rate, trained_batch_size
+
+SPEC = {"timm_name": "aconvnet_fast", "num_classes": 4, "in_chans": 1, "input_size": [40, 40], "small_input": False,
+        "drop_rate": 0.0, "embed_dim": 128, "window": 32, "intensity": "standardize"}
+
+
+def test_trained_batch_size_reads_the_loader_batch_from_metrics():
+    history = pd.DataFrame({"epoch": [1, 2], "images_per_s": [10.0, 12.0], "batch_size": [50, 50]})
+    assert trained_batch_size(history, configured=512) == 50  # min_steps_per_epoch lowered 512 to 50
+    assert trained_batch_size(history.drop(columns="batch_size"), configured=512) == 512  # older metrics.csv
+    assert trained_batch_size(history.assign(batch_size=float("nan")), configured=256) == 256  # a loader without one
+
+
+def test_bare_rate_times_the_training_window(monkeypatch):
+    seen = []
+    import pipeline.bench.train as bench
+
+    original = bench.model_from_spec
+
+    def spy(spec):
+        model = original(spec)
+        model.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+        return model
+
+    monkeypatch.setattr(bench, "model_from_spec", spy)
+    rate = bare_rate(SPEC, batch_size=8, steps=3)
+    assert math.isfinite(rate) and rate > 0
+    assert seen and all(shape == (8, 1, 32, 32) for shape in seen)  # the 32-px window, not the 40-px stored chip
