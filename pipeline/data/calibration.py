@@ -26,7 +26,10 @@ import numpy as np
 
 from pipeline.errors import UserError, exit_on_user_error
 
-QUANTILE_LEVELS = np.linspace(0.0, 1.0, 33)  # probabilities of the stored quantiles, min and max included
+# Probabilities of the stored quantiles, min and max included: 33 evenly spaced, plus 0.5/1/2 % at each tail. With
+# the even levels alone the top 3 % of a chip was mapped linearly from q96.9 to the max, which put the rendered
+# chips' p99 above the real ones' (version 6; README, realism).
+QUANTILE_LEVELS = np.unique(np.r_[np.linspace(0.0, 1.0, 33), 0.005, 0.01, 0.02, 0.98, 0.99, 0.995])
 CALIBRATION_TABLE = Path(__file__).with_name("real_quantiles.npz")
 SUBSETS = ("all", "fit", "holdout")
 MIX_MAX = 0.5  # a target is row a + w (row b - row a) of two real chips a, b, w uniform in [0, MIX_MAX]: no exact
@@ -176,7 +179,7 @@ def load_table(path: Path = CALIBRATION_TABLE) -> dict[str, np.ndarray]:
         raise UserError(f"cannot read the calibration table {path}: {err}") from None
     current = ("sar_texture" in table and "texture_lags" in table and tuple(table["texture_lags"]) == TEXTURE_LAGS
                and table["sar_texture"].shape == (len(table["ids"]), len(TEXTURE_LAGS))
-               and np.allclose(table["levels"], QUANTILE_LEVELS))
+               and table["levels"].shape == QUANTILE_LEVELS.shape and np.allclose(table["levels"], QUANTILE_LEVELS))
     if not current:
         raise UserError(f"{path}: written by an older version (no texture column, other texture lags or other "
                         f"quantile levels); rebuild it (python -m pipeline.data.calibration)")

@@ -36,7 +36,7 @@ from pipeline.classes import NUM_OFFICIAL_CLASSES, OFFICIAL_COUNTS, OFFICIAL_NAM
 from pipeline.data.calibration import load_table, match_quantiles, random_targets, texture_descriptor
 from pipeline.errors import UserError, exit_on_user_error
 
-GENERATOR_VERSION = 5  # bump on any change to what the generator draws: run_all regenerates its default dataset
+GENERATOR_VERSION = 6  # bump on any change to what the generator draws: run_all regenerates its default dataset
 EXTENT_M = 12.0  # ground side of every chip in metres, both modalities
 QUICK_TOTAL = 4_000  # training pairs of the quick scale
 FLOOR = 40  # fewest training pairs per class at the quick and integer scales
