@@ -317,7 +317,9 @@ def _epoch_row(
         }
     )
     row.update({f"val_recall_{c}": r for c, r in enumerate(metrics["per_class_recall"])})
-    row.update({"images_per_s": images_per_s, "epoch_seconds": seconds, "batch_size": batch_size})
+    # images_per_s counts every process; batch_size is one process's batch
+    row.update({"images_per_s": images_per_s, "epoch_seconds": seconds, "batch_size": batch_size,
+                "processes": distributed.world_size()})
     return row
 
 

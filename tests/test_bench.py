@@ -7,7 +7,7 @@ import math
 
 import pandas as pd
 
-from pipeline.bench.train import bare_rate, trained_batch_size
+from pipeline.bench.train import bare_rate, per_process_rate, trained_batch_size
 
 SPEC = {"timm_name": "aconvnet_fast", "num_classes": 4, "in_chans": 1, "input_size": [40, 40], "small_input": False,
         "drop_rate": 0.0, "embed_dim": 128, "window": 32, "intensity": "standardize"}
@@ -15,12 +15,19 @@ SPEC = {"timm_name": "aconvnet_fast", "num_classes": 4, "in_chans": 1, "input_si
 
 def test_trained_batch_size_reads_the_loader_batch_from_metrics():
     history = pd.DataFrame({"epoch": [1, 2], "images_per_s": [10.0, 12.0], "batch_size": [50, 50]})
-    assert trained_batch_size(history, configured=512) == 50  # min_steps_per_epoch lowered 512 to 50
-    assert trained_batch_size(history.drop(columns="batch_size"), configured=512) == 512  # older metrics.csv
-    assert trained_batch_size(history.assign(batch_size=float("nan")), configured=256) == 256  # a loader without one
+    assert trained_batch_size(history, configured=512) == (50, True)  # min_steps_per_epoch lowered 512 to 50
+    assert trained_batch_size(history.drop(columns="batch_size"), configured=512) == (512, False)  # older metrics.csv
+    assert trained_batch_size(history.assign(batch_size=float("nan")), configured=256) == (256, False)
+
+
+def test_stage_rate_is_per_process_under_torchrun():
+    history = pd.DataFrame({"epoch": [1, 2], "images_per_s": [300.0, 400.0]})
+    assert per_process_rate(history) == 400.0  # an older metrics.csv: one process
+    assert per_process_rate(history.assign(processes=4)) == 100.0  # 4 ranks counted together
 
 
 def test_bare_rate_times_the_training_window(monkeypatch):
+    """Also for a fixed-size model: it is built at the window, not at the stored chip size."""
     seen = []
     import pipeline.bench.train as bench
 
@@ -35,3 +42,5 @@ def test_bare_rate_times_the_training_window(monkeypatch):
     rate = bare_rate(SPEC, batch_size=8, steps=3)
     assert math.isfinite(rate) and rate > 0
     assert seen and all(shape == (8, 1, 32, 32) for shape in seen)  # the 32-px window, not the 40-px stored chip
+    vit = {**SPEC, "timm_name": "vit_tiny_patch16_224", "input_size": [48, 48]}  # asserts its input size
+    assert bare_rate(vit, batch_size=2, steps=2) > 0

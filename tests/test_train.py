@@ -77,11 +77,11 @@ def _model(seed: int = 0, name: str = "test_resnet"):
     return create_model(name, NUM_CLASSES, small_input=False, drop_rate=0.1)
 
 
-def _loaders(n_train: int = 48, n_val: int = 24, paired: bool = False) -> tuple[DataLoader, DataLoader]:
+def _loaders(n_train: int = 48, n_val: int = 24, paired: bool = False, batch_size: int = 16) -> tuple[DataLoader, DataLoader]:
     train = BandDataset(n_train, seed=1, paired=paired)
     val = BandDataset(n_val, seed=2, paired=paired)
     return (
-        DataLoader(train, batch_size=16, sampler=RandomSampler(train), drop_last=True),
+        DataLoader(train, batch_size=batch_size, sampler=RandomSampler(train), drop_last=True),
         DataLoader(val, batch_size=32),
     )
 
@@ -129,7 +129,7 @@ def test_fit_learns_a_separable_problem_and_writes_metrics(tmp_path, capsys) -> 
     model = _model(name="test_efficientnet_gn")  # group norm: no running statistics to lag after 9 steps
     before = _balanced_accuracy_untrained(model, _loaders()[1])
     console = _quiet()
-    result = _fit(ClassifierTask(model, FocalLoss(gamma=2.0)), tmp_path, _cfg(epochs=3, lr=0.01), console=console)
+    result = _fit(ClassifierTask(model, FocalLoss(gamma=2.0)), tmp_path, _cfg(epochs=3, lr=0.01), console=console, batch_size=12)
     assert result.best_metrics["balanced_accuracy"] >= 0.9 > before
     assert result.best_epoch == result.best_metrics["epoch"]
     assert [row["epoch"] for row in result.history] == [1, 2, 3]
@@ -141,7 +141,8 @@ def test_fit_learns_a_separable_problem_and_writes_metrics(tmp_path, capsys) -> 
     for name in ("train_loss", "lr", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_macro_f1",
                  "val_recall_0", "val_recall_2", "images_per_s", "epoch_seconds", "batch_size"):
         assert name in rows[0], name
-    assert int(rows[0]["batch_size"]) == _loaders()[0].batch_size  # the batch the loader really drew (bench.train reads it)
+    assert int(rows[0]["batch_size"]) == 12 != _cfg().batch_size  # the loader's batch, not the config's (bench.train reads it)
+    assert int(rows[0]["processes"]) == 1
     assert float(rows[1]["val_balanced_accuracy"]) == pytest.approx(result.history[1]["val_balanced_accuracy"])
     assert "training summary" in console.file.getvalue()  # tables stay on the console
     assert re.search(r"INFO pipeline\.train: epoch +3/3 ", capsys.readouterr().out)  # epoch lines are log records

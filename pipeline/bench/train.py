@@ -29,12 +29,12 @@ from pipeline.models import model_from_spec
 from pipeline.stage import select_device
 
 
-def bare_rate(spec: dict, batch_size: int, steps: int = 6, head_only: bool = False,
+def bare_rate(spec: dict, batch_size: int, steps: int = 12, head_only: bool = False,
               device: torch.device = torch.device("cpu")) -> float:
     """Images/s of forward + backward + optimizer step on random chips (or embeddings for head_only), median step."""
     torch.manual_seed(0)
-    model = model_from_spec(spec).train().to(device)
-    h, w = (spec["window"],) * 2 if spec.get("window") else spec["input_size"]  # training crops the window
+    h, w = training_input(spec)
+    model = model_from_spec({**spec, "input_size": [h, w]}).train().to(device)  # fixed-size models (ViT) too
     if head_only:
         module, x = model.classifier, torch.randn(batch_size, model.embed_dim, device=device)
     else:
@@ -52,14 +52,29 @@ def bare_rate(spec: dict, batch_size: int, steps: int = 6, head_only: bool = Fal
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    return batch_size / sorted(times[1:])[len(times[1:]) // 2]
+    warm = times[max(1, steps // 4):]  # the first steps pay for allocation and kernel choice
+    return batch_size / sorted(warm)[len(warm) // 2]
 
 
-def trained_batch_size(history: pd.DataFrame, configured: int) -> int:
-    """The batch the stage's loader drew (metrics.csv `batch_size`; min_steps_per_epoch may have lowered it)."""
-    if "batch_size" in history and history["batch_size"].notna().any():
-        return int(history["batch_size"].dropna().iloc[-1])
-    return configured
+def training_input(spec: dict) -> tuple[int, int]:
+    """The chip size the stage trained at: the window it crops (`spec["window"]`), else the stored size."""
+    return (spec["window"],) * 2 if spec.get("window") else tuple(spec["input_size"])
+
+
+def _last(history: pd.DataFrame, column: str) -> int | None:
+    return int(history[column].dropna().iloc[-1]) if column in history and history[column].notna().any() else None
+
+
+def trained_batch_size(history: pd.DataFrame, configured: int) -> tuple[int, bool]:
+    """(batch one process drew, whether it was recorded): metrics.csv `batch_size` (min_steps_per_epoch may have
+    lowered the configured one); an older metrics.csv has none, and the configured batch stands in."""
+    recorded = _last(history, "batch_size")
+    return (configured, False) if recorded is None else (recorded, True)
+
+
+def per_process_rate(history: pd.DataFrame) -> float:
+    """The stage's best images/s per process (metrics.csv counts all processes of a torchrun together)."""
+    return float(history["images_per_s"].max()) / (_last(history, "processes") or 1)
 
 
 def _device_name(device: torch.device) -> str:
@@ -80,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.profile)
     console = Console()
     table = Table(title=f"training loop vs bare model ({_device_name(device)})")
-    for col in ("stage", "input", "batch", "stage img/s", "bare fwd+bwd img/s", "stage / bare", "val bal acc"):
+    for col in ("stage", "input", "batch", "stage img/s per process", "bare fwd+bwd img/s", "stage / bare", "val bal acc"):
         table.add_column(col, justify="right" if col != "stage" else "left")
     for stage, artifact in ARTIFACT_OF_STAGE.items():
         paths = ArtifactPaths.of(args.weights, artifact)
@@ -89,14 +104,14 @@ def main(argv: list[str] | None = None) -> None:
             continue
         manifest = json.loads(paths.manifest.read_text())
         history = pd.read_csv(paths.metrics_csv)
-        stage_rate = float(history["images_per_s"].max())
+        stage_rate = per_process_rate(history)
         stage_cfg = cfg.section(stage)
-        batch = trained_batch_size(history, stage_cfg.batch_size)
+        batch, recorded = trained_batch_size(history, stage_cfg.batch_size)
         head_only = stage == "finetune_head" and not stage_cfg.augment
         spec = manifest["model"]
         bare = bare_rate(spec, batch, head_only=head_only, device=device)
-        size = "x".join(map(str, (spec["window"],) * 2 if spec.get("window") else spec["input_size"])) + (" (embeddings)" if head_only else "")
-        table.add_row(stage, size, str(batch), f"{stage_rate:,.0f}", f"{bare:,.0f}", f"{stage_rate / bare:.2f}",
+        size = "x".join(map(str, training_input(spec))) + (" (embeddings)" if head_only else "")
+        table.add_row(stage, size, str(batch) if recorded else f"{batch} (configured)", f"{stage_rate:,.0f}", f"{bare:,.0f}", f"{stage_rate / bare:.2f}",
                       f"{manifest['metrics'].get('balanced_accuracy', float('nan')):.3f}")
     console.print(table)
 
