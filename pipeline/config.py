@@ -305,6 +305,10 @@ class SelectOODConfig(Section):
     )
     proxy_left_out: PositiveInt = _f(2, "proxy folds: training classes each proxy model leaves out (at most all but 2)")
     proxy_epochs: Union[PositiveInt, Auto] = _f("auto", "proxy folds: training epochs of each proxy model; auto = half of distill_sar.epochs")
+    rule: Literal["one_se", "best"] = _f(
+        "one_se", "one_se: the earliest candidate (simplest first) within one standard error of the best mean AUROC; "
+        "best: the best mean AUROC"
+    )
 
 
 class RobustnessConfig(Section):

@@ -39,7 +39,7 @@ from pipeline.ood import make_detector
 from pipeline.ood.fit import head_of, write_choice
 from pipeline.ood.knn import capped_rows
 from pipeline.ood.select import (
-    CandidateResult, best, candidates, leave_one_class_out, proxy_groups, score_unseen_classes,
+    CandidateResult, candidates, choose, leave_one_class_out, proxy_groups, score_unseen_classes,
 )
 from pipeline.stage import StageContext, build_parser, holds_weights_lock, load_model, new_model, parent_digest, prepare_stage
 from pipeline.tasks import ClassifierTask
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             anomaly_emb=data.get("anomaly_emb"), anomaly_source_labels=data.get("anomaly_source_labels"),
         )
         title = f"OOD detectors, one training class left out at a time ({len(results[0].per_class)} classes, validation split)"
-    winner = best(results)
+    winner = choose(results, cfg.rule)
     left_out = [names[c] for c in results[0].per_class]
     table = Table(title=title)
     for column in ("detector", "mean AUROC", "± s.e.", "worst left-out class"):

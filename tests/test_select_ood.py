@@ -12,7 +12,7 @@ from pipeline.errors import UserError
 from pipeline.metrics import auroc
 from pipeline.ood.knn import capped_rows
 from pipeline.ood.select import (
-    Candidate, best, candidates, leave_one_class_out, proxy_groups, refit_head, score_unseen_classes,
+    Candidate, best, candidates, choose, leave_one_class_out, proxy_groups, refit_head, score_unseen_classes,
 )
 
 D = 8
@@ -58,6 +58,15 @@ def test_leave_one_class_out_measures_auroc_on_validation_and_picks_the_best() -
     assert best(results) is max(results, key=lambda r: r.mean)
     tie = [type(results[0])(Candidate("a", "energy"), {0: 0.7}), type(results[0])(Candidate("b", "msp"), {0: 0.7})]
     assert best(tie).candidate.label == "a"
+    result = type(results[0])
+    close = [result(Candidate("knn", "knn"), {0: 0.96, 1: 0.98}), result(Candidate("maha", "mahalanobis"), {0: 0.97, 1: 0.985}),
+             result(Candidate("sphere", "hypersphere"), {0: 0.975, 1: 0.985})]  # best mean 0.98 ± 0.005
+    assert choose(close, "best").candidate.label == "sphere"
+    assert choose(close, "one_se").candidate.label == "maha"  # floor 0.975: knn (0.97) below it, maha (0.9775) within
+    far = [result(Candidate("knn", "knn"), {0: 0.80, 1: 0.82}), close[2]]
+    assert choose(far, "one_se").candidate.label == "sphere"  # a clearly better later candidate still wins
+    single = [result(Candidate("a", "energy"), {0: 0.7}), result(Candidate("b", "msp"), {0: 0.8})]
+    assert choose(single, "one_se").candidate.label == "b"  # one left-out class: no s.e., the best mean
     with pytest.raises(UserError, match="at least 3"):
         leave_one_class_out(tr_x[tr_y < 2], tr_y[tr_y < 2], va_x, va_y, cands, OODConfig())
 

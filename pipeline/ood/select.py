@@ -6,8 +6,10 @@ out-of-distribution ones and every other chip is in-distribution (AUROC). The fi
 seen c, so logit-based detectors (and ViM, which needs a head) get a logistic-regression head refitted
 on the cached training embeddings without c (class-balanced, on standardised features, mapped back
 to a linear head on the raw embeddings; `refit_head`). Everything runs on cached TTA-averaged embeddings of the
-final model; test data and test labels are never used. The candidate with the best mean AUROC over
-the left-out classes wins (ties: the earlier candidate, i.e. the simpler one in the default order).
+final model; test data and test labels are never used. `choose` picks the winner: by default
+(`select_ood.rule: one_se`) the earliest candidate, in the default order from the simplest scores to the
+trained hypersphere head, whose mean AUROC over the left-out classes is within one standard error of the
+best mean (Breiman's one-standard-error rule); `rule: best` takes the best mean (ties: the earlier).
 """
 
 from __future__ import annotations
@@ -161,6 +163,22 @@ def best(results: list[CandidateResult]) -> CandidateResult:
     """The candidate with the highest mean AUROC (the earliest one on ties)."""
     means = [r.mean if np.isfinite(r.mean) else -np.inf for r in results]
     return results[int(np.argmax(means))]
+
+
+def one_standard_error(results: list[CandidateResult]) -> CandidateResult:
+    """The earliest candidate whose mean AUROC is at least the best mean minus the best's standard error:
+    detectors that validation cannot tell apart go to the simpler one (the earlier in `candidates`' order)."""
+    top = best(results)
+    floor = top.mean - (top.se if np.isfinite(top.se) else 0.0)
+    return next(r for r in results if np.isfinite(r.mean) and r.mean >= floor)
+
+
+RULES: dict[str, Callable[[list[CandidateResult]], CandidateResult]] = {"best": best, "one_se": one_standard_error}
+
+
+def choose(results: list[CandidateResult], rule: str) -> CandidateResult:
+    """The detector `select_ood.rule` picks from `results` (see RULES)."""
+    return RULES[rule](results)
 
 
 def proxy_groups(classes: list[int], folds: int, left_out: int, seed: int = 0) -> list[list[int]]:
