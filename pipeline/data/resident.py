@@ -47,7 +47,7 @@ class ResidentBatches:
     ) -> None:
         self.device, self.augment, self.seed = device, augment, seed
         self.sampler, self.batch_size, self.drop_last = sampler, int(batch_size), drop_last
-        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=device)
+        self.labels = torch.tensor(np.asarray(labels, dtype=np.int64), device=device)  # a copy: labels may be read-only
         self.epoch = 0
         self.chips: dict[str, Tensor] = {}
         self.rows: dict[str, Tensor] = {}
