@@ -64,6 +64,10 @@ class DataConfig(Section):
     interpolation: Literal["area", "bilinear", "nearest", "bicubic"] = _f("area", "resize interpolation")
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = _f(0.15, "stratified hold-out of training pairs, the same for every stage")
     val_min_per_class: Annotated[int, Field(ge=0)] = _f(20, "validation floor per class (at most a third of the class)")
+    val_fold: Annotated[int, Field(ge=0)] = _f(
+        0, "which block of each class's seeded permutation is the validation split (0: the default); with val_fraction "
+        "1/k and val_min_per_class 0, folds 0..k-1 are k-fold cross-validation (python -m pipeline.bench models --folds k)"
+    )
     holdout_classes: list[Union[str, int]] = _f([], "class names/ids removed from training and treated as OOD at test")
     resident: bool = _f(False, "hold packed training chips on the device and augment there (GPU)")
     num_workers: Annotated[int, Field(ge=0)] = _f(0, "DataLoader workers")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+import pytest
 
 from pipeline.bench.train import bare_rate, per_process_rate, trained_batch_size
 
@@ -44,3 +45,16 @@ def test_bare_rate_times_the_training_window(monkeypatch):
     assert seen and all(shape == (8, 1, 32, 32) for shape in seen)  # the 32-px window, not the 40-px stored chip
     vit = {**SPEC, "timm_name": "vit_tiny_patch16_224", "input_size": [48, 48]}  # asserts its input size
     assert bare_rate(vit, batch_size=2, steps=2) > 0
+
+
+def test_bench_models_folds_are_paired_k_fold_runs():
+    from pipeline.bench.models import fold_overrides, paired_delta, repeats
+    from pipeline.config import load_config
+
+    assert repeats(2, 0) == [(0, None), (1, None)]
+    assert repeats(3, 5) == [(0, f) for f in range(5)]  # folds replace seeds
+    cfg = load_config("quick", fold_overrides(3, 5))
+    assert (cfg.data.val_fraction, cfg.data.val_fold, cfg.data.val_min_per_class) == (0.2, 3, 0)
+    rows = [{"candidate": "a", "seed": 0, "fold": f, "val_balanced_accuracy": v} for f, v in enumerate((0.9, 0.8))]
+    rows += [{"candidate": "b", "seed": 0, "fold": f, "val_balanced_accuracy": v} for f, v in enumerate((0.95, 0.82))]
+    assert paired_delta(rows, "b", "a") == pytest.approx([0.05, 0.02])

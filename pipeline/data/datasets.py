@@ -217,15 +217,19 @@ class PairedChipDataset(_EpochSeeded):
 
 
 def stratified_split(
-    labels: np.ndarray, val_fraction: float, seed: int, min_per_class: int = 0
+    labels: np.ndarray, val_fraction: float, seed: int, min_per_class: int = 0, fold: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, val indices): about val_fraction of each class, >= 1 of every class with >= 2 items.
 
     `min_per_class` raises a rare class's share to that many validation chips, but never above a third
     of the class, so the tail keeps most of its chips for training while its recall is measured on more
-    than a handful (6 chips measure recall in steps of 0.17)."""
+    than a handful (6 chips measure recall in steps of 0.17). `fold` f takes block f of each class's seeded
+    permutation (f = 0: the default split): with val_fraction 1/k and no floor, folds 0..k-1 are k-fold
+    cross-validation, disjoint up to rounding (a last block that runs past the class wraps to its start)."""
     if not 0 <= val_fraction < 1:
         raise UserError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+    if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)) or fold < 0:
+        raise UserError(f"data.val_fold must be an integer >= 0, got {fold!r}")
     if isinstance(min_per_class, bool) or not isinstance(min_per_class, (int, np.integer)) or min_per_class < 0:
         raise UserError(f"data.val_min_per_class must be an integer >= 0, got {min_per_class!r}")
     labels = np.asarray(labels, dtype=np.int64)
@@ -237,7 +241,10 @@ def stratified_split(
             continue
         n_val = max(1, int(round(len(members) * val_fraction)), min(int(min_per_class), len(members) // 3))
         n_val = min(n_val, len(members) - 1)
-        val_parts.append(rng.permutation(members)[:n_val])
+        if fold * n_val >= len(members):
+            raise UserError(f"data.val_fold {fold}: class {class_id} has {len(members)} training items and {n_val} per "
+                            f"validation fold, so folds 0-{(len(members) - 1) // n_val} only")
+        val_parts.append(np.take(rng.permutation(members), np.arange(fold * n_val, (fold + 1) * n_val), mode="wrap"))
     val = np.sort(np.concatenate(val_parts)) if val_parts else np.zeros(0, dtype=np.int64)
     train = np.setdiff1d(np.arange(len(labels)), val)
     return train, val

@@ -61,7 +61,7 @@ class StageData:
         """Positions in `train_index` of the stratified train / validation split, the same for every stage."""
         if self._split is None:
             d = self.cfg.data
-            self._split = stratified_split(self.labels, d.val_fraction, self.seed, d.val_min_per_class)
+            self._split = stratified_split(self.labels, d.val_fraction, self.seed, d.val_min_per_class, d.val_fold)
         return self._split
 
     def train_val_rows(self, modality: str) -> tuple[np.ndarray, np.ndarray]:
