@@ -102,3 +102,48 @@ def test_real_subset_uses_one_half_of_the_real_chips(tmp_path):
     assert realism.compare(a, b, "sar", cnn_epochs=0, real_subset="fit").n_real == len(fit)
     with pytest.raises(UserError, match="in the holdout half"):
         realism.compare(_write_chips(tmp_path / "one", 1, seed=1, blur=1.0, offset=0.0), b, real_subset="holdout")
+
+
+def test_near_duplicates_are_grouped_across_flips_and_turns_and_only_at_one_size():
+    rng = np.random.default_rng(0)
+    scene = cv2.GaussianBlur(rng.standard_normal((32, 32)).astype(np.float32), (0, 0), 1.5)
+    # its twin flipped, turned, brighter, with a little noise; another scene; the scene at another size
+    twin = np.rot90(scene.T, 1) * 1.7 + 0.3 + 0.02 * rng.standard_normal((32, 32)).astype(np.float32)
+    other = cv2.GaussianBlur(rng.standard_normal((32, 32)).astype(np.float32), (0, 0), 1.5)
+    larger = cv2.resize(scene, (33, 33))
+    groups = realism.near_duplicate_groups([scene, other, twin, larger])
+    assert groups[0] == groups[2] and len({groups[0], groups[1], groups[3]}) == 3
+    assert len(set(realism.near_duplicate_groups([scene, other, twin, larger], threshold=1.0))) == 4  # off
+    chain = [scene, 0.95 * scene + 0.3 * other, 0.8 * scene + 0.6 * other]  # linked through the middle one
+    assert len(set(realism.near_duplicate_groups(chain))) == 1
+
+
+def test_grouped_folds_keep_a_memorised_scene_out_of_the_score():
+    """Real rows that are 8 noisy copies of 12 scenes, synthetic rows from the same distribution: plain k-fold
+    scores the copies of scenes it trained on (high AUROC); folds that keep each scene whole do not."""
+    rng = np.random.default_rng(0)
+    scenes = rng.standard_normal((12, 5))
+    real = np.repeat(scenes, 8, axis=0) + 0.01 * rng.standard_normal((96, 5))
+    synthetic = rng.standard_normal((96, 5))
+    groups = np.r_[np.repeat(np.arange(12), 8), 12 + np.arange(96)]
+    plain = realism.statistics_auroc(real, synthetic, seed=0)
+    grouped = realism.statistics_auroc(real, synthetic, seed=0, groups=groups)
+    assert plain > 0.8 and grouped < 0.7
+    singletons = np.arange(192)  # no duplicates: exactly the plain folds
+    assert realism.statistics_auroc(real, synthetic, seed=0, groups=singletons) == plain
+
+
+def test_compare_counts_scenes_and_the_cli_can_turn_grouping_off(tmp_path):
+    a = _write_chips(tmp_path / "a", 12, seed=1, blur=1.0, offset=0.0, sizes=(32,))
+    for i in range(4):  # four more copies of chip 0, brighter
+        img = cv2.imread(str(a / "SAR_0.png"), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(str(a / f"SAR_copy{i}.png"), np.clip(img.astype(int) + 5 * i, 0, 255).astype(np.uint8))
+    b = _write_chips(tmp_path / "b", 12, seed=2, blur=1.0, offset=0.0, sizes=(32,))
+    result = realism.compare(a, b, "sar", cnn_epochs=2)
+    assert result.n_real == 16 and result.scenes == (12, 12)
+    realism.main(["--real", str(a), "--synthetic", str(b), "--out", str(tmp_path / "out"), "--cnn-epochs", "0",
+                  "--near-duplicate", "1"])
+    report = json.loads((tmp_path / "out" / "sar.json").read_text())
+    assert report["real_scenes"] == 16 and report["near_duplicate"] == 1.0
+    with pytest.raises(SystemExit):
+        realism.main(["--real", str(a), "--synthetic", str(b), "--out", str(tmp_path / "o2"), "--near-duplicate", "0"])
