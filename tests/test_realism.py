@@ -111,9 +111,16 @@ def test_near_duplicates_are_grouped_across_flips_and_turns_and_only_at_one_size
     twin = np.rot90(scene.T, 1) * 1.7 + 0.3 + 0.02 * rng.standard_normal((32, 32)).astype(np.float32)
     other = cv2.GaussianBlur(rng.standard_normal((32, 32)).astype(np.float32), (0, 0), 1.5)
     larger = cv2.resize(scene, (33, 33))
-    groups = realism.near_duplicate_groups([scene, other, twin, larger])
-    assert groups[0] == groups[2] and len({groups[0], groups[1], groups[3]}) == 3
-    assert len(set(realism.near_duplicate_groups([scene, other, twin, larger], threshold=1.0))) == 4  # off
+    turned = np.rot90(scene, 3).copy()  # a quarter turn alone
+    groups = realism.near_duplicate_groups([scene, other, twin, larger, turned])
+    assert groups[0] == groups[2] == groups[4] and len({groups[0], groups[1], groups[3]}) == 3
+    copies = [scene, scene.copy(), other]
+    assert len(set(realism.near_duplicate_groups(copies, threshold=1.0))) == 3  # off, even for exact copies
+    # a non-square chip is only flipped and turned about its shape: the pixels of its quarter turn, laid out at its
+    # own shape, are another image, not a twin
+    wide = rng.standard_normal((8, 12)).astype(np.float32)
+    scrambled = np.rot90(wide).reshape(8, 12).copy()
+    assert len(set(realism.near_duplicate_groups([wide, wide[::-1, ::-1].copy(), scrambled]))) == 2
     chain = [scene, 0.95 * scene + 0.3 * other, 0.8 * scene + 0.6 * other]  # linked through the middle one
     assert len(set(realism.near_duplicate_groups(chain))) == 1
 
@@ -147,3 +154,20 @@ def test_compare_counts_scenes_and_the_cli_can_turn_grouping_off(tmp_path):
     assert report["real_scenes"] == 16 and report["near_duplicate"] == 1.0
     with pytest.raises(SystemExit):
         realism.main(["--real", str(a), "--synthetic", str(b), "--out", str(tmp_path / "o2"), "--near-duplicate", "0"])
+
+
+def test_both_classifiers_get_the_groups_and_real_and_synthetic_scenes_never_share_one(tmp_path, monkeypatch):
+    a = _write_chips(tmp_path / "a", 10, seed=1, blur=1.0, offset=0.0, sizes=(32,))
+    b = tmp_path / "b"
+    b.mkdir()
+    for path in sorted(a.iterdir()):  # the synthetic side holds the very same chips
+        (b / path.name).write_bytes(path.read_bytes())
+    seen = []
+    original = realism._splits
+    monkeypatch.setattr(realism, "_splits", lambda y, groups, seed: seen.append(groups) or original(y, groups, seed))
+    realism.compare(a, b, "sar", cnn_epochs=1)
+    assert len(seen) == 2 and all(g is not None for g in seen)  # the statistics classifier and the CNN
+    groups = seen[0]
+    assert not set(groups[:10]) & set(groups[10:]) and len(set(groups)) == 20
+    with pytest.raises(UserError, match="too few chips"):
+        realism.statistics_auroc(np.zeros((4, 3)), np.ones((4, 3)), groups=np.array([0, 0, 0, 0, 1, 2, 3, 4]))
