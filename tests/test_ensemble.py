@@ -1,0 +1,92 @@
+"""stages.ensemble: several submission runs of one test set averaged into a new submission."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.inference import prediction_tables
+from pipeline.metrics import auroc
+from pipeline.submission import write_submission
+from stages import ensemble
+
+N_IN, N_OOD, CLASSES = 30, 6, 3
+
+
+def _member(folder: Path, wrong: range, scale: float, seed: int, ids: np.ndarray | None = None,
+            classes: int = CLASSES) -> Path:
+    """A submission folder as stages.infer writes it: right with probability 0.9 except on the chips `wrong`
+    (0.6 on the next class), OOD chips scored lower than known ones on the member's own scale."""
+    truth = np.r_[np.arange(N_IN) % CLASSES, -np.ones(N_OOD, int)]
+    ids = np.arange(100, 100 + N_IN + N_OOD) if ids is None else ids
+    probs = np.full((len(ids), classes), 0.05)
+    for i, t in enumerate(truth):
+        t = t % classes if t >= 0 else i % classes
+        probs[i, t] = 0.9
+        if i in wrong:
+            probs[i, t], probs[i, (t + 1) % classes] = 0.2, 0.6
+    probs /= probs.sum(axis=1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    score = scale * (np.where(truth >= 0, 1.0, 0.0) + rng.normal(0, 0.6, len(ids)))
+    voting = SimpleNamespace(labels=probs.argmax(1), changed=np.zeros(len(ids), bool), cluster=-np.ones(len(ids), int))
+    out = SimpleNamespace(voting=voting, probs=probs, logits=np.log(probs), score=score, energy=score)
+    results, predictions = prediction_tables(ids, np.array([f"c/{i}.png" for i in ids]), out)
+    folder.mkdir(parents=True)
+    pd.DataFrame({"image_id": ids, "class_id": truth}).to_csv(folder / "truth.csv", index=False)
+    (folder / "summary.json").write_text(json.dumps({"dataset": {"classes": ["a", "b", "c"]}}))
+    write_submission(folder, results, predictions, {}, expected_ids=ids, num_classes=classes)
+    return folder
+
+
+def test_the_mean_probability_corrects_each_members_own_errors_and_scores_are_standardised(tmp_path):
+    runs = [_member(tmp_path / f"m{k}", range(10 * k, 10 * k + 10), scale=1000.0 ** k, seed=k) for k in range(3)]
+    assert ensemble.main([*map(str, runs), "--submissions", str(tmp_path / "out"), "--run", "e"]) == 0
+    out = tmp_path / "out" / "e"
+    results = pd.read_csv(out / "results.csv")
+    truth = pd.read_csv(out / "truth.csv")
+    known = truth["class_id"] >= 0
+    members = [pd.read_csv(r / "results.csv") for r in runs]
+    assert all((m["class_id"][known] == truth["class_id"][known]).mean() == pytest.approx(20 / 30) for m in members)
+    assert (results["class_id"][known] == truth["class_id"][known]).all()  # every error outvoted
+    z = [(m["score"] - m["score"].mean()) / m["score"].std(ddof=0) for m in members]
+    assert np.allclose(results["score"], np.mean(z, axis=0))  # scales of 1 to 1e6 weigh the same
+    assert auroc(known.to_numpy(), results["score"].to_numpy()) > 0.5
+    score = json.loads((out / "score.json").read_text())
+    assert score["accuracy"] == 1.0
+    assert json.loads((out / "summary.json").read_text())["members"] == [str(r.resolve()) for r in runs]
+    assert (tmp_path / "out" / "latest.txt").read_text().strip() == "e"
+
+
+def test_bad_member_sets_are_one_clear_error_and_nothing_is_overwritten(tmp_path, capsys):
+    a = _member(tmp_path / "a", range(0), 1.0, 0)
+    b = _member(tmp_path / "b", range(0), 1.0, 1)
+    other_ids = _member(tmp_path / "c", range(0), 1.0, 2, ids=np.arange(500, 500 + N_IN + N_OOD))
+    other_classes = _member(tmp_path / "d", range(0), 1.0, 3, classes=4)
+    unfinished = tmp_path / "u"
+    unfinished.mkdir()
+    (unfinished / "predictions.csv").write_text((a / "predictions.csv").read_text())
+    cases = [([a], "two or more"), ([a, other_ids], "other test chips"), ([a, other_classes], "other classes"),
+             ([a, unfinished], "not a finished submission folder"), ([a, tmp_path / "nope"], "not a finished")]
+    for runs, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            ensemble.main([*map(str, runs), "--submissions", str(tmp_path / "out")])
+        assert stop.value.code == 2
+        assert message in capsys.readouterr().err
+    (a / "predictions.csv").write_text("image_id,path\n1,x\n")
+    with pytest.raises(SystemExit):
+        ensemble.main([str(a), str(b), "--submissions", str(tmp_path / "out")])
+    assert "lacks score" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    (a / "predictions.csv").unlink()
+    _member(tmp_path / "a2", range(0), 1.0, 0)
+    assert ensemble.main([str(tmp_path / "a2"), str(b), "--submissions", str(tmp_path / "out"), "--run", "e"]) == 0
+    before = (tmp_path / "out" / "e" / "results.csv").read_bytes()
+    with pytest.raises(SystemExit):
+        ensemble.main([str(tmp_path / "a2"), str(b), "--submissions", str(tmp_path / "out"), "--run", "e"])
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "out" / "e" / "results.csv").read_bytes() == before
