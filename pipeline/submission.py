@@ -29,6 +29,8 @@ RESULTS_COLUMNS = ("image_id", "class_id", "score")
 RESULTS_FILE = "results.csv"
 PREDICTIONS_FILE = "predictions.csv"
 SUMMARY_FILE = "summary.json"
+SCORE_FILE = "score.json"
+HEADLINE = ("accuracy", "auroc", "competition_score", "balanced_accuracy")  # what summary.json keeps of a score report
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -284,3 +286,9 @@ def print_score_report(report: dict[str, Any], class_names: list[str] | tuple[st
     for i, row in enumerate(report["confusion_matrix"]):
         matrix.add_row(f"{i} {class_names[i]}", *(str(v) if v else "." for v in row))
     console.print(matrix)
+
+
+def write_score(run_dir: Path, report: dict[str, Any], class_names: list[str] | tuple[str, ...], console: Any) -> None:
+    """A submission folder's score.json, and the score report printed."""
+    atomic_write_text(Path(run_dir) / SCORE_FILE, report_json(report))
+    print_score_report(report, class_names, console)

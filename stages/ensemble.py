@@ -2,13 +2,14 @@
 
     python -m stages.ensemble submissions/seed0 submissions/seed1 submissions/seed2 --run ensemble3
 
-Each run is a complete submission folder of the same test chips (results.csv, predictions.csv with its prob_*
-columns, as stages.infer writes them). The label is the argmax of the members' mean probability (their
-test-time-augmented probabilities, before any cluster voting); the OOD score is the mean of each member's score
-standardised over the test chips, since members may use different detectors on different scales (higher = more
-in-distribution, as every member's). When the first run holds a truth.csv, the ensemble is scored like a submission.
-Writes <submissions>/<run>/{results.csv, predictions.csv, summary.json} and truth.csv / score.json when scored;
-an existing folder is never overwritten.
+Each run is a complete submission folder of the same test chips and classes (results.csv, predictions.csv with its
+prob_* columns and summary.json, as stages.infer writes them). The label is the argmax of the members' mean
+probability (their test-time-augmented probabilities, before any cluster voting); the OOD score is the mean of each
+member's score standardised over the test chips, since members may use different detectors on different scales
+(higher = more in-distribution, as every member's). When the first run holds a truth.csv, the ensemble is scored
+like a submission. Everything is checked before the new folder <submissions>/<run>/ is made; it gets results.csv,
+predictions.csv, summary.json and, when scored, truth.csv and score.json. No earlier folder is touched, latest.txt
+included.
 """
 
 from __future__ import annotations
@@ -16,44 +17,55 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from pipeline.artifacts import atomic_write_text, code_version
+from pipeline.data.testset import read_csv_table
 from pipeline.errors import UserError, exit_on_user_error
 from pipeline.log import make_console
 from pipeline.report import TRUTH_FILE
 from pipeline.submission import (
-    PREDICTIONS_FILE, RESULTS_FILE, mark_latest, new_run_dir, print_score_report, read_truth, report_json,
-    score_submission, write_submission,
+    HEADLINE, PREDICTIONS_FILE, RESULTS_FILE, SUMMARY_FILE, new_run_dir, read_truth, score_submission,
+    validate_submission, write_score, write_submission,
 )
-from pipeline.data.testset import read_csv_table
 
 
-def read_member(run_dir: Path) -> pd.DataFrame:
-    """A finished submission folder's predictions.csv (image_id, score, prob_*), sorted by image_id."""
+def read_member(run_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """A finished submission folder's predictions (image_id, score, prob_*; sorted by image_id) and summary."""
     run_dir = Path(run_dir)
     if not (run_dir / RESULTS_FILE).is_file():
         raise UserError(f"{run_dir}: not a finished submission folder (no {RESULTS_FILE})")
     table = read_csv_table(run_dir / PREDICTIONS_FILE, "predictions")
-    probs = [c for c in table.columns if str(c).startswith("prob_")]
+    probs = _prob_columns(table)
     missing = [c for c in ("image_id", "score") if c not in table.columns]
     if missing or not probs:
         raise UserError(f"{run_dir / PREDICTIONS_FILE} lacks {', '.join(missing) or 'prob_* columns'}: "
                         f"written by another tool or an older version")
-    return table.sort_values("image_id", kind="stable").reset_index(drop=True)
+    ids = pd.to_numeric(table["image_id"], errors="coerce")
+    values = table[["score", *probs]].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    if ids.isna().any() or (ids % 1 != 0).any() or ids.duplicated().any() or not np.isfinite(values).all():
+        raise UserError(f"{run_dir / PREDICTIONS_FILE}: image ids must be distinct integers and scores and "
+                        f"probabilities finite numbers")
+    try:
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text()) if (run_dir / SUMMARY_FILE).is_file() else {}
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {run_dir / SUMMARY_FILE}: {err}") from None
+    table = table.assign(image_id=ids.astype(np.int64))
+    return table.sort_values("image_id", kind="stable").reset_index(drop=True), summary
 
 
 def average_members(members: list[pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(results, predictions) of the ensemble of `members` (each as `read_member` returns it)."""
+    """(results, predictions) of the ensemble of `members` (predictions as `read_member` returns them)."""
     first = members[0]
-    probs = [c for c in first.columns if str(c).startswith("prob_")]
+    probs = _prob_columns(first)
     for k, member in enumerate(members[1:], start=2):
         if not np.array_equal(member["image_id"].to_numpy(), first["image_id"].to_numpy()):
             raise UserError(f"run {k} predicts other test chips than run 1 (image ids differ): an ensemble needs "
                             f"runs of one test set")
-        if [c for c in member.columns if str(c).startswith("prob_")] != probs:
+        if _prob_columns(member) != probs:
             raise UserError(f"run {k} has other classes than run 1 ({len(probs)} prob_* columns in run 1)")
     mean = np.mean([m[probs].to_numpy(np.float64) for m in members], axis=0)
     score = np.mean([_standardised(m["score"].to_numpy(np.float64)) for m in members], axis=0)
@@ -65,9 +77,25 @@ def average_members(members: list[pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataF
     return results, predictions
 
 
+def _prob_columns(table: pd.DataFrame) -> list[str]:
+    return [str(c) for c in table.columns if str(c).startswith("prob_")]
+
+
 def _standardised(score: np.ndarray) -> np.ndarray:
     spread = float(score.std())
     return (score - score.mean()) / spread if spread > 0 else np.zeros_like(score)
+
+
+def _class_names(summaries: list[dict[str, Any]], runs: list[Path], num_classes: int) -> list[str]:
+    """The members' class names (recorded in their summaries), which must agree; numbers when none are recorded."""
+    named = [(run, s.get("dataset", {}).get("classes")) for run, s in zip(runs, summaries)]
+    named = [(run, list(names)) for run, names in named if names]
+    for run, names in named[1:]:
+        if names != named[0][1]:
+            raise UserError(f"{run} has other classes than {named[0][0]}: {', '.join(names)} against "
+                            f"{', '.join(named[0][1])}")
+    names = named[0][1] if named else []
+    return names if len(names) == num_classes else [str(i) for i in range(num_classes)]
 
 
 @exit_on_user_error
@@ -80,31 +108,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if len(args.runs) < 2:
         raise UserError("an ensemble needs two or more submission folders")
-    members = [read_member(run) for run in args.runs]
-    results, predictions = average_members(members)
-    num_classes = sum(str(c).startswith("prob_") for c in predictions.columns)
-    summary = {"members": [str(run.resolve()) for run in args.runs], "num_test": len(results),
-               "label": "argmax of the members' mean probability",
-               "score": "mean of the members' OOD scores, each standardised over the test chips",
-               "code_version": code_version()}
-    first_summary = args.runs[0] / "summary.json"
-    names = json.loads(first_summary.read_text()).get("dataset", {}).get("classes") if first_summary.is_file() else None
-    submissions = args.submissions or args.runs[0].resolve().parent
-    run_dir = new_run_dir(submissions, args.run)
-    console = make_console()
-    report = None
-    if (args.runs[0] / TRUTH_FILE).is_file():
-        truth = read_truth(args.runs[0] / TRUTH_FILE, num_classes)
+    members, summaries = zip(*(read_member(run) for run in args.runs))
+    results, predictions = average_members(list(members))
+    num_classes = len(_prob_columns(predictions))
+    names = _class_names(list(summaries), args.runs, num_classes)
+    validate_submission(results, results["image_id"], num_classes)
+    truth = read_truth(args.runs[0] / TRUTH_FILE, num_classes) if (args.runs[0] / TRUTH_FILE).is_file() else None
+    report = None if truth is None else score_submission(results, truth, num_classes=num_classes)
+    summary = {"ensemble": {"members": [str(run.resolve()) for run in args.runs],
+                            "label": "argmax of the members' mean probability",
+                            "score": "mean of the members' OOD scores, each standardised over the test chips"},
+               "dataset": summaries[0].get("dataset"), "num_test": len(results), "code_version": code_version(),
+               **({} if report is None else {"score": {k: report[k] for k in HEADLINE}})}
+    run_dir = new_run_dir(args.submissions or args.runs[0].resolve().parent, args.run)  # all checked: now write
+    if truth is not None:
         atomic_write_text(run_dir / TRUTH_FILE, truth.to_csv(index=False))
-        report = score_submission(results, truth, num_classes=num_classes)
-        summary["score_report"] = {k: report[k] for k in ("accuracy", "auroc", "competition_score", "balanced_accuracy")}
     write_submission(run_dir, results, predictions, summary, expected_ids=results["image_id"], num_classes=num_classes)
-    mark_latest(submissions, run_dir)
+    console = make_console()
     console.print(f"[green]ensemble[/]: {len(members)} runs -> {run_dir / RESULTS_FILE} ({len(results)} rows)")
     if report is not None:
-        atomic_write_text(run_dir / "score.json", report_json(report))
-        print_score_report(report, names if names and len(names) == num_classes else [str(i) for i in range(num_classes)],
-                           console)
+        write_score(run_dir, report, names, console)
     return 0
 
 

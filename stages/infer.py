@@ -27,7 +27,7 @@ from pipeline.ood.fit import resolve_detector
 from pipeline.report import REPORT_FILE, TRUTH_FILE, write_report_safely
 from pipeline.stage import build_parser, holds_weights_lock, load_model, parent_digests, prepare_stage
 from pipeline.submission import (
-    find_fresh_submission, mark_latest, new_run_dir, print_score_report, report_json, score_submission, write_submission,
+    HEADLINE, find_fresh_submission, mark_latest, new_run_dir, score_submission, write_score, write_submission,
 )
 
 STAGE = "infer"
@@ -103,13 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         truth = pd.DataFrame({"image_id": ids, "class_id": labels})
         atomic_write_text(run_dir / TRUTH_FILE, truth.to_csv(index=False))  # per-chip truth for the report
         report = score_submission(results, truth, num_classes=ctx.num_classes)
-        summary["score"] = {k: report[k] for k in ("accuracy", "auroc", "competition_score", "balanced_accuracy")}
+        summary["score"] = {k: report[k] for k in HEADLINE}
     write_submission(run_dir, results, predictions, summary, expected_ids=ids, num_classes=ctx.num_classes)
     ctx.console.print(f"[green]{STAGE}[/]: wrote {run_dir / 'results.csv'} ({len(ids)} rows, {changed} labels changed by cluster voting)")
     mark_latest(args.submissions, run_dir)
     if report is not None:
-        atomic_write_text(run_dir / "score.json", report_json(report))
-        print_score_report(report, list(ctx.layout.classes.names), ctx.console)
+        write_score(run_dir, report, list(ctx.layout.classes.names), ctx.console)
     write_report_safely(run_dir, ctx.cfg.report, ctx.console)  # after results.csv: it never costs the submission
     distributed.cleanup()
     return 0

@@ -19,7 +19,7 @@ N_IN, N_OOD, CLASSES = 30, 6, 3
 
 
 def _member(folder: Path, wrong: range, scale: float, seed: int, ids: np.ndarray | None = None,
-            classes: int = CLASSES) -> Path:
+            classes: int = CLASSES, names: tuple[str, ...] = ("a", "b", "c")) -> Path:
     """A submission folder as stages.infer writes it: right with probability 0.9 except on the chips `wrong`
     (0.6 on the next class), OOD chips scored lower than known ones on the member's own scale."""
     truth = np.r_[np.arange(N_IN) % CLASSES, -np.ones(N_OOD, int)]
@@ -38,8 +38,8 @@ def _member(folder: Path, wrong: range, scale: float, seed: int, ids: np.ndarray
     results, predictions = prediction_tables(ids, np.array([f"c/{i}.png" for i in ids]), out)
     folder.mkdir(parents=True)
     pd.DataFrame({"image_id": ids, "class_id": truth}).to_csv(folder / "truth.csv", index=False)
-    (folder / "summary.json").write_text(json.dumps({"dataset": {"classes": ["a", "b", "c"]}}))
-    write_submission(folder, results, predictions, {}, expected_ids=ids, num_classes=classes)
+    write_submission(folder, results, predictions, {"dataset": {"classes": list(names)}}, expected_ids=ids,
+                     num_classes=classes)
     return folder
 
 
@@ -58,8 +58,22 @@ def test_the_mean_probability_corrects_each_members_own_errors_and_scores_are_st
     assert auroc(known.to_numpy(), results["score"].to_numpy()) > 0.5
     score = json.loads((out / "score.json").read_text())
     assert score["accuracy"] == 1.0
-    assert json.loads((out / "summary.json").read_text())["members"] == [str(r.resolve()) for r in runs]
-    assert (tmp_path / "out" / "latest.txt").read_text().strip() == "e"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ensemble"]["members"] == [str(r.resolve()) for r in runs] and summary["score"]["accuracy"] == 1.0
+    assert not (tmp_path / "out" / "latest.txt").exists()  # a tool's output, not the newest stage run
+
+
+def test_a_confident_member_outvotes_two_unsure_ones():
+    """Probabilities are averaged, not votes: two members a little wrong lose to one sure and right."""
+    ids = np.arange(3)
+    sure = pd.DataFrame({"image_id": ids, "score": [1.0, 2.0, 3.0], "prob_0": 0.98, "prob_1": 0.02})
+    unsure = pd.DataFrame({"image_id": ids, "score": [3.0, 2.0, 1.0], "prob_0": 0.45, "prob_1": 0.55})
+    results, predictions = ensemble.average_members([sure, unsure, unsure.copy()])
+    assert (results["class_id"] == 0).all()
+    assert np.allclose(predictions["prob_0"], (0.98 + 0.45 + 0.45) / 3)
+    assert np.allclose(results["score"], np.array([1.0, 0.0, -1.0]) / np.std([1.0, 2.0, 3.0]) / 3)  # z-scores
+    flat = sure.assign(score=5.0)  # a member with one score for every chip adds nothing to the ranking
+    assert np.allclose(ensemble.average_members([flat, sure])[0]["score"], ensemble.average_members([sure])[0]["score"] / 2)
 
 
 def test_bad_member_sets_are_one_clear_error_and_nothing_is_overwritten(tmp_path, capsys):
@@ -90,3 +104,25 @@ def test_bad_member_sets_are_one_clear_error_and_nothing_is_overwritten(tmp_path
         ensemble.main([str(tmp_path / "a2"), str(b), "--submissions", str(tmp_path / "out"), "--run", "e"])
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "out" / "e" / "results.csv").read_bytes() == before
+
+
+def test_late_problems_stop_before_any_folder_is_made_and_an_unlabelled_set_is_not_scored(tmp_path, capsys):
+    a = _member(tmp_path / "a", range(0), 1.0, 0)
+    b = _member(tmp_path / "b", range(0), 1.0, 1)
+    renamed = _member(tmp_path / "r", range(0), 1.0, 2, names=("a", "b", "z"))
+    nan = _member(tmp_path / "n", range(0), 1.0, 3)
+    table = pd.read_csv(nan / "predictions.csv")
+    table.loc[4, "prob_1"] = np.nan
+    table.to_csv(nan / "predictions.csv", index=False)
+    extra_truth = _member(tmp_path / "t", range(0), 1.0, 4)
+    truth = pd.read_csv(extra_truth / "truth.csv")
+    pd.concat([truth, pd.DataFrame({"image_id": [7], "class_id": [0]})]).to_csv(extra_truth / "truth.csv", index=False)
+    for runs, message in (([a, renamed], "other classes"), ([a, nan], "finite numbers"),
+                          ([extra_truth, b], "submission lacks 1 image")):
+        with pytest.raises(SystemExit):
+            ensemble.main([*map(str, runs), "--submissions", str(tmp_path / "out"), "--run", "e"])
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "out" / "e").exists()  # nothing half written: the same --run works once fixed
+    (a / "truth.csv").unlink()
+    assert ensemble.main([str(a), str(b), "--submissions", str(tmp_path / "out"), "--run", "e"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out" / "e").iterdir()) == ["predictions.csv", "results.csv", "summary.json"]
