@@ -2,7 +2,7 @@
 
     python -m stages.ensemble submissions/seed0 submissions/seed1 submissions/seed2 --run ensemble3
 
-Each run is a complete submission folder of the same test chips and classes (results.csv, predictions.csv with its
+Each run is a complete submission folder (or a submissions folder: the run its latest.txt names) of the same test chips and classes (results.csv, predictions.csv with its
 prob_* columns and summary.json, as stages.infer writes them). The label is the argmax of the members' mean
 probability (their test-time-augmented probabilities, before any cluster voting); the OOD score is the mean of each
 member's score standardised over the test chips, since members may use different detectors on different scales
@@ -28,9 +28,16 @@ from pipeline.errors import UserError, exit_on_user_error
 from pipeline.log import make_console
 from pipeline.report import TRUTH_FILE
 from pipeline.submission import (
-    HEADLINE, PREDICTIONS_FILE, RESULTS_FILE, SUMMARY_FILE, new_run_dir, read_truth, score_submission,
-    validate_submission, write_score, write_submission,
+    HEADLINE, PREDICTIONS_FILE, RESULTS_FILE, SUMMARY_FILE, latest_submission, new_run_dir, read_truth,
+    score_submission, validate_submission, write_score, write_submission,
 )
+
+
+def resolve_run(path: Path) -> Path:
+    """`path`, or, for a submissions folder (no results.csv, a latest.txt), the run its latest.txt names."""
+    path = Path(path)
+    latest = None if (path / RESULTS_FILE).is_file() else latest_submission(path)
+    return path if latest is None else latest
 
 
 def read_member(run_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -108,19 +115,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if len(args.runs) < 2:
         raise UserError("an ensemble needs two or more submission folders")
-    members, summaries = zip(*(read_member(run) for run in args.runs))
+    runs = [resolve_run(run) for run in args.runs]
+    members, summaries = zip(*(read_member(run) for run in runs))
     results, predictions = average_members(list(members))
     num_classes = len(_prob_columns(predictions))
-    names = _class_names(list(summaries), args.runs, num_classes)
+    names = _class_names(list(summaries), runs, num_classes)
     validate_submission(results, results["image_id"], num_classes)
-    truth = read_truth(args.runs[0] / TRUTH_FILE, num_classes) if (args.runs[0] / TRUTH_FILE).is_file() else None
+    truth = read_truth(runs[0] / TRUTH_FILE, num_classes) if (runs[0] / TRUTH_FILE).is_file() else None
     report = None if truth is None else score_submission(results, truth, num_classes=num_classes)
-    summary = {"ensemble": {"members": [str(run.resolve()) for run in args.runs],
+    summary = {"ensemble": {"members": [str(run.resolve()) for run in runs],
                             "label": "argmax of the members' mean probability",
                             "score": "mean of the members' OOD scores, each standardised over the test chips"},
                "dataset": summaries[0].get("dataset"), "num_test": len(results), "code_version": code_version(),
                **({} if report is None else {"score": {k: report[k] for k in HEADLINE}})}
-    run_dir = new_run_dir(args.submissions or args.runs[0].resolve().parent, args.run)  # all checked: now write
+    run_dir = new_run_dir(args.submissions or runs[0].resolve().parent, args.run)  # all checked: now write
     if truth is not None:
         atomic_write_text(run_dir / TRUTH_FILE, truth.to_csv(index=False))
     write_submission(run_dir, results, predictions, summary, expected_ids=results["image_id"], num_classes=num_classes)

@@ -126,3 +126,15 @@ def test_late_problems_stop_before_any_folder_is_made_and_an_unlabelled_set_is_n
     (a / "truth.csv").unlink()
     assert ensemble.main([str(a), str(b), "--submissions", str(tmp_path / "out"), "--run", "e"]) == 0
     assert sorted(p.name for p in (tmp_path / "out" / "e").iterdir()) == ["predictions.csv", "results.csv", "summary.json"]
+
+
+def test_a_submissions_folder_stands_for_its_latest_run(tmp_path):
+    for seed in range(2):
+        _member(tmp_path / f"seed{seed}" / "old", range(0, 30), 1.0, seed)  # every known chip wrong
+        _member(tmp_path / f"seed{seed}" / "new", range(0), 1.0, seed)
+        (tmp_path / f"seed{seed}" / "latest.txt").write_text("new\n")
+    assert ensemble.main([str(tmp_path / "seed0"), str(tmp_path / "seed1"), "--submissions", str(tmp_path / "out"),
+                          "--run", "e"]) == 0
+    assert json.loads((tmp_path / "out" / "e" / "score.json").read_text())["accuracy"] == 1.0
+    members = json.loads((tmp_path / "out" / "e" / "summary.json").read_text())["ensemble"]["members"]
+    assert members == [str((tmp_path / f"seed{s}" / "new").resolve()) for s in range(2)]
