@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.artifacts import ARTIFACT_OF_STAGE, ArtifactPaths
-from pipeline.submission import latest_submission
+from pipeline.submission import SCORE_FILE, latest_submission
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEST_KEYS = ("accuracy", "balanced_accuracy", "auroc", "competition_score")
@@ -118,8 +118,8 @@ def run_pipeline(options: RunOptions, overrides: list[str], seed: int, weights: 
         "teacher_val_balanced_accuracy": manifest_metric(weights, "eo_teacher", "balanced_accuracy"),
     }
     score: dict[str, Any] = {}
-    if submission is not None and (submission / "score.json").is_file():
-        score = json.loads((submission / "score.json").read_text())
+    if submission is not None and (submission / SCORE_FILE).is_file():
+        score = json.loads((submission / SCORE_FILE).read_text())
     for key in TEST_KEYS:
         value = score.get(key)
         metrics[f"test_{key}"] = float(value) if isinstance(value, (int, float)) else float("nan")

@@ -79,6 +79,11 @@ def check_views(views: list[str] | tuple[str, ...]) -> None:
         )
 
 
+def keeps_shape(view: str, height: int, width: int) -> bool:
+    """Whether `view` of a height x width image has its shape (a quarter turn or transpose of a non-square one not)."""
+    return height == width or view not in _SWAPS_AXES
+
+
 def apply_view(x: Tensor, view: str) -> Tensor:
     """The `view` of images `x` (..., H, W); rotations are counter-clockwise like `np.rot90`."""
     if view not in _VIEWS:
@@ -133,8 +138,8 @@ def tta_batch(x: Tensor, views: list[str], scales: list[float]) -> Tensor:
     if x.ndim != 4:
         raise ValueError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
     height, width = x.shape[-2:]
-    if height != width and any(v in _SWAPS_AXES for v in views):
-        swapping = sorted({v for v in views if v in _SWAPS_AXES})
+    if not all(keeps_shape(v, height, width) for v in views):
+        swapping = sorted({v for v in views if not keeps_shape(v, height, width)})
         raise UserError(
             f"TTA views {', '.join(swapping)} need square images, got {height}x{width}: "
             "resize chips to a square size or drop those views"

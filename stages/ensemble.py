@@ -15,7 +15,6 @@ included.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline.artifacts import atomic_write_text, code_version
-from pipeline.data.testset import read_csv_table
+from pipeline.data.testset import integer_column, read_csv_table
 from pipeline.errors import UserError, exit_on_user_error
 from pipeline.log import make_console
 from pipeline.report import TRUTH_FILE
+from pipeline.report.build import read_json_object
 from pipeline.submission import (
     HEADLINE, PREDICTIONS_FILE, RESULTS_FILE, SUMMARY_FILE, latest_submission, new_run_dir, read_truth,
     score_submission, validate_submission, write_score, write_submission,
@@ -51,16 +51,13 @@ def read_member(run_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     if missing or not probs:
         raise UserError(f"{run_dir / PREDICTIONS_FILE} lacks {', '.join(missing) or 'prob_* columns'}: "
                         f"written by another tool or an older version")
-    ids = pd.to_numeric(table["image_id"], errors="coerce")
+    ids, bad = integer_column(table, "image_id")
     values = table[["score", *probs]].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
-    if ids.isna().any() or (ids % 1 != 0).any() or ids.duplicated().any() or not np.isfinite(values).all():
+    if bad.any() or len(np.unique(ids)) < len(ids) or not np.isfinite(values).all():
         raise UserError(f"{run_dir / PREDICTIONS_FILE}: image ids must be distinct integers and scores and "
                         f"probabilities finite numbers")
-    try:
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text()) if (run_dir / SUMMARY_FILE).is_file() else {}
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read {run_dir / SUMMARY_FILE}: {err}") from None
-    table = table.assign(image_id=ids.astype(np.int64))
+    summary = read_json_object(run_dir / SUMMARY_FILE, "summary") if (run_dir / SUMMARY_FILE).is_file() else {}
+    table = table.assign(image_id=ids)
     return table.sort_values("image_id", kind="stable").reset_index(drop=True), summary
 
 
@@ -95,8 +92,9 @@ def _standardised(score: np.ndarray) -> np.ndarray:
 
 def _class_names(summaries: list[dict[str, Any]], runs: list[Path], num_classes: int) -> list[str]:
     """The members' class names (recorded in their summaries), which must agree; numbers when none are recorded."""
-    named = [(run, s.get("dataset", {}).get("classes")) for run, s in zip(runs, summaries)]
-    named = [(run, list(names)) for run, names in named if names]
+    datasets = [s.get("dataset") if isinstance(s.get("dataset"), dict) else {} for s in summaries]
+    named = [(run, d.get("classes")) for run, d in zip(runs, datasets)]
+    named = [(run, [str(n) for n in names]) for run, names in named if isinstance(names, list) and names]
     for run, names in named[1:]:
         if names != named[0][1]:
             raise UserError(f"{run} has other classes than {named[0][0]}: {', '.join(names)} against "

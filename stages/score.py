@@ -13,7 +13,7 @@ from pipeline.artifacts import atomic_write_text
 from pipeline.classes import OFFICIAL_NAMES
 from pipeline.errors import UserError, exit_on_user_error
 from pipeline.log import make_console
-from pipeline.submission import print_score_report, read_results, read_truth, report_json, score_submission
+from pipeline.submission import SCORE_FILE, print_score_report, read_results, read_truth, report_json, score_submission
 
 
 @exit_on_user_error
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     report = score_submission(results, read_truth(args.truth), num_classes=args.num_classes)
     names = list(OFFICIAL_NAMES) if args.num_classes == len(OFFICIAL_NAMES) else [str(i) for i in range(args.num_classes)]
     print_score_report(report, names, make_console())
-    out = args.out or path.with_name("score.json")
+    out = args.out or path.with_name(SCORE_FILE)
     atomic_write_text(out, report_json(report))
     print(f"wrote {out}")
     return 0

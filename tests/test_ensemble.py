@@ -123,6 +123,11 @@ def test_late_problems_stop_before_any_folder_is_made_and_an_unlabelled_set_is_n
             ensemble.main([*map(str, runs), "--submissions", str(tmp_path / "out"), "--run", "e"])
         assert message in capsys.readouterr().err
         assert not (tmp_path / "out" / "e").exists()  # nothing half written: the same --run works once fixed
+    (b / "summary.json").write_text("[]")
+    with pytest.raises(SystemExit):
+        ensemble.main([str(a), str(b), "--submissions", str(tmp_path / "out"), "--run", "e"])
+    assert "not a JSON object" in capsys.readouterr().err and not (tmp_path / "out" / "e").exists()
+    (b / "summary.json").write_text('{"dataset": null}')  # no class names recorded: numbers
     (a / "truth.csv").unlink()
     assert ensemble.main([str(a), str(b), "--submissions", str(tmp_path / "out"), "--run", "e"]) == 0
     assert sorted(p.name for p in (tmp_path / "out" / "e").iterdir()) == ["predictions.csv", "results.csv", "summary.json"]

@@ -140,7 +140,7 @@ def test_grouped_folds_keep_a_memorised_scene_out_of_the_score():
     assert realism.statistics_auroc(real, synthetic, seed=0, groups=singletons) == plain
 
 
-def test_compare_counts_scenes_and_the_cli_can_turn_grouping_off(tmp_path):
+def test_compare_counts_scenes_and_the_cli_can_turn_grouping_off(tmp_path, capsys):
     a = _write_chips(tmp_path / "a", 12, seed=1, blur=1.0, offset=0.0, sizes=(32,))
     for i in range(4):  # four more copies of chip 0, brighter
         img = cv2.imread(str(a / "SAR_0.png"), cv2.IMREAD_UNCHANGED)
@@ -154,6 +154,7 @@ def test_compare_counts_scenes_and_the_cli_can_turn_grouping_off(tmp_path):
     assert report["real_scenes"] == 16 and report["near_duplicate"] == 1.0
     with pytest.raises(SystemExit):
         realism.main(["--real", str(a), "--synthetic", str(b), "--out", str(tmp_path / "o2"), "--near-duplicate", "0"])
+    assert "expected a correlation above 0" in capsys.readouterr().err and not (tmp_path / "o2").exists()
 
 
 def test_both_classifiers_get_the_groups_and_real_and_synthetic_scenes_never_share_one(tmp_path, monkeypatch):

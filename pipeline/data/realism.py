@@ -132,28 +132,30 @@ def near_duplicate_groups(chips: list[np.ndarray], threshold: float = NEAR_DUPLI
     """A group label per chip: chips of one size whose pixels correlate above `threshold` (mean removed, the best of
     the 8 flips and quarter turns that keep the shape), directly or through a chain of such pairs, share a label;
     `threshold` 1 or more: every chip its own group."""
+    import torch
     from scipy.sparse.csgraph import connected_components
+
+    from pipeline.tta import DIHEDRAL_VIEWS, apply_view, keeps_shape
 
     if threshold >= 1.0:  # a correlation cannot pass 1 (rounding can, by 1e-16)
         return np.arange(len(chips))
     linked = np.zeros((len(chips), len(chips)), dtype=bool)
     for shape in {c.shape for c in chips}:
         index = np.array([i for i, c in enumerate(chips) if c.shape == shape])
-        unit = np.stack([_unit(chips[i]) for i in index])
+        stack = torch.from_numpy(np.stack([chips[i] for i in index]).astype(np.float64))
+        unit = _unit_rows(stack.numpy())
         best = np.full((len(index), len(index)), -1.0)
-        for turn in range(8):
-            if shape[0] != shape[1] and (turn % 2 == 1) != (turn >= 4):  # it would change a non-square chip's shape
-                continue
-            turned = np.stack([_unit(np.rot90(chips[i] if turn < 4 else chips[i].T, turn % 4)) for i in index])
-            best = np.maximum(best, unit @ turned.T)
+        for view in (v for v in DIHEDRAL_VIEWS if keeps_shape(v, *shape)):
+            best = np.maximum(best, unit @ _unit_rows(apply_view(stack, view).numpy()).T)
         linked[np.ix_(index, index)] = best > threshold
     return connected_components(linked, directed=False)[1]
 
 
-def _unit(chip: np.ndarray) -> np.ndarray:
-    v = chip.astype(np.float64).ravel()
-    v = v - v.mean()
-    return v / max(float(np.linalg.norm(v)), 1e-12)
+def _unit_rows(chips: np.ndarray) -> np.ndarray:
+    """(n, h, w) chips as rows of unit length with their mean removed (a flat chip: zeros)."""
+    rows = chips.reshape(len(chips), -1)
+    rows = rows - rows.mean(axis=1, keepdims=True)
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
 # ----------------------------------------------------------------------------- classifiers
@@ -381,6 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     if args.cnn_epochs < 0:
         raise UserError(f"--cnn-epochs {args.cnn_epochs}: expected 0 or more")
+    if not 0.0 < args.near_duplicate:
+        raise UserError(f"--near-duplicate {args.near_duplicate}: expected a correlation above 0 (1: off)")
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -388,8 +392,6 @@ def main(argv: list[str] | None = None) -> None:
     if not os.access(args.out, os.W_OK):
         raise UserError(f"--out {args.out} is not writable")
     montage = args.out / f"{args.modality}_montage.png"
-    if not 0.0 < args.near_duplicate:
-        raise UserError(f"--near-duplicate {args.near_duplicate}: expected a correlation above 0 (1: off)")
     result = compare(args.real, args.synthetic, args.modality, args.limit, args.seed, args.cnn_epochs, montage,
                      args.real_subset, args.near_duplicate)
     console = make_console()

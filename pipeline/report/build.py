@@ -30,6 +30,7 @@ from pipeline.errors import UserError
 from pipeline.metrics import auroc, classification_metrics, confusion_matrix
 from pipeline.report import plots
 from pipeline.report.html import Section, figures, img, note, page, paragraph, pre_json, table
+from pipeline.submission import SCORE_FILE
 
 REPORT_FILE = "report.html"
 PLOTS_DIR = "plots"
@@ -97,7 +98,7 @@ class RunData:
         return None
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text())
     except OSError as err:
@@ -119,13 +120,13 @@ def load_run(run_dir: str | Path) -> RunData:
             raise UserError(
                 f"{run_dir} is not a complete submission folder (no {name}): give a folder written by python -m stages.infer"
             )
-    summary = _read_json(run_dir / "summary.json", "summary")
+    summary = read_json_object(run_dir / "summary.json", "summary")
     predictions = read_csv_table(run_dir / "predictions.csv", "predictions")
     needed = {"image_id", "label_before", "label_after", "changed", "cluster", "confidence", "score"}
     missing = sorted(needed - set(predictions.columns))
     if missing:
         raise UserError(f"predictions file {run_dir / 'predictions.csv'} lacks column(s) {', '.join(missing)}: rerun python -m stages.infer")
-    score = _read_json(run_dir / "score.json", "score") if (run_dir / "score.json").is_file() else None
+    score = read_json_object(run_dir / SCORE_FILE, "score") if (run_dir / SCORE_FILE).is_file() else None
     classes = (summary.get("dataset") or {}).get("classes")
     if not classes:
         width = sum(c.startswith("prob_") for c in predictions.columns)
