@@ -2,8 +2,9 @@
 
     python -m stages.ensemble submissions/seed0 submissions/seed1 submissions/seed2 --run ensemble3
 
-Each run is a complete submission folder (or a submissions folder: the run its latest.txt names) of the same test chips and classes (results.csv, predictions.csv with its
-prob_* columns and summary.json, as stages.infer writes them). The label is the argmax of the members' mean
+Each run is a complete submission folder (or a submissions folder: the run its latest.txt names) of the same test
+chips and classes (results.csv, predictions.csv with its prob_* columns and summary.json, as stages.infer writes
+them). The label is the argmax of the members' mean
 probability (their test-time-augmented probabilities, before any cluster voting); the OOD score is the mean of each
 member's score standardised over the test chips, since members may use different detectors on different scales
 (higher = more in-distribution, as every member's). When the first run holds a truth.csv, the ensemble is scored
