@@ -79,7 +79,7 @@ def run_all_command(options: RunOptions, overrides: list[str], seed: int, weight
                         ("--train-dir", options.train_dir), ("--test-dir", options.test_dir)):
         if value:
             cmd += [flag, str(value)]
-    for item in [*options.overrides, *overrides]:
+    for item in ["ensemble.members=1", *options.overrides, *overrides]:  # one model per seed unless a variant says
         cmd += ["--set", item]
     if force:
         cmd.append("--force")

@@ -1,5 +1,7 @@
 """End-to-end driver behind run_all.sh: data if needed, the four stages in order (stages.select_ood before
 infer when infer.ood.method is auto, stages.robustness after it when robustness.enabled), one summary table.
+With ensemble.members N > 1 (the full profile), the stages run once per seed (seed .. seed+N-1, each in
+<weights>/seed<S>/ and <submissions>/seed<S>/) and stages.ensemble averages the N submissions into <submissions>.
 
 Each stage runs in its own process (under torchrun with --gpus N > 1). A stage whose artifact is up to
 date (same config, dataset and parents) is skipped by the stage itself unless --force. A failing stage
@@ -91,6 +93,25 @@ def check_gpus(args: argparse.Namespace) -> None:
             f"--gpus {args.gpus}: more processes than GPUs ({visible} CUDA device(s) visible): "
             f"use --gpus {max(visible, 1)} or fewer, or --device cpu for {args.gpus} CPU processes"
         )
+
+
+def member_runs(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """The runs of the models run_all trains: `args` itself for one (ensemble.members 1), else one per seed
+    seed .. seed+N-1, each with its own weights and submissions folder (`seed<S>` inside the given ones)."""
+    cfg = load_config(args.profile, args.overrides)
+    count = cfg.ensemble.members
+    if count == 1:
+        return [args]
+    first = cfg.seed if args.seed is None else args.seed
+    return [argparse.Namespace(**{**vars(args), "seed": s, "weights": args.weights / f"seed{s}",
+                                  "submissions": args.submissions / f"seed{s}"}) for s in range(first, first + count)]
+
+
+def ensemble_command(args: argparse.Namespace, members: list[argparse.Namespace]) -> list[str]:
+    """stages.ensemble of the members' latest submissions into args.submissions, which it marks as latest."""
+    cmd = [sys.executable, "-m", "stages.ensemble", *(str(m.submissions) for m in members),
+           "--submissions", str(args.submissions), "--latest"]
+    return cmd if args.force else [*cmd, "--skip-fresh"]
 
 
 def stage_command(stage: str, args: argparse.Namespace, data: Path, status_file: Path | None = None) -> list[str]:
@@ -221,28 +242,35 @@ def main(argv: list[str] | None = None) -> int:
     check_gpus(args)
     data = ensure_data(args, console)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    rows = []
+    rows: list[tuple[str, float, str, str]] = []
     total_start = time.perf_counter()
+    members = member_runs(args)
     with tempfile.TemporaryDirectory(prefix="run_all-status-") as status_dir:
-        for stage in selected_stages(args):
-            rule(console, f"[bold]{stage}")
-            status_file = Path(status_dir) / f"{stage}.json"
-            before = stage_output_stamp(stage, args)
-            start = time.perf_counter()
-            rc = subprocess.call(stage_command(stage, args, data, status_file), cwd=REPO_ROOT, env=env)
-            seconds = time.perf_counter() - start
-            reported = read_status(status_file)
-            status = stage_status(before, stage_output_stamp(stage, args), reported)
-            metric = "" if reported.get("skipped") else stage_metric(stage, args.weights, reported.get("dataset_fingerprint"))
-            rows.append((stage, seconds, status, metric))
-            if rc != 0:
-                console.print(
-                    f"[red]run_all: stage {stage} failed (exit {rc}); earlier artifacts are kept. "
-                    f"Fix the cause and rerun the same command: finished stages are skipped.[/]"
-                )
-                return rc
+        for member in members:
+            label = "" if len(members) == 1 else f" (seed {member.seed})"
+            for stage in selected_stages(member):
+                rule(console, f"[bold]{stage}{label}")
+                status_file = Path(status_dir) / f"{len(rows)}-{stage}.json"
+                before = stage_output_stamp(stage, member)
+                start = time.perf_counter()
+                rc = subprocess.call(stage_command(stage, member, data, status_file), cwd=REPO_ROOT, env=env)
+                seconds = time.perf_counter() - start
+                reported = read_status(status_file)
+                status = stage_status(before, stage_output_stamp(stage, member), reported)
+                metric = "" if reported.get("skipped") else stage_metric(stage, member.weights, reported.get("dataset_fingerprint"))
+                rows.append((stage + label, seconds, status, metric))
+                if rc != 0:
+                    return stage_failed(console, stage + label, rc)
+    if len(members) > 1 and "infer" in selected_stages(args):
+        rule(console, f"[bold]ensemble of {len(members)} seeds")
+        before = stage_output_stamp("infer", args)
+        start = time.perf_counter()
+        rc = subprocess.call(ensemble_command(args, members), cwd=REPO_ROOT, env=env)
+        rows.append(("ensemble", time.perf_counter() - start, stage_status(before, stage_output_stamp("infer", args), {}), ""))
+        if rc != 0:
+            return stage_failed(console, "ensemble", rc)
     console.print(summary_table(rows, time.perf_counter() - total_start))
-    run = latest_submission(args.submissions) if "infer" in [r[0] for r in rows] else None
+    run = latest_submission(args.submissions) if any(r[0].split()[0] in ("infer", "ensemble") for r in rows) else None
     if run is not None:
         summary = json.loads((run / "summary.json").read_text())
         score = summary.get("score")
@@ -251,6 +279,14 @@ def main(argv: list[str] | None = None) -> int:
         if (run / "report.html").is_file():
             console.print(f"report: {run / 'report.html'}", highlight=False)
     return 0
+
+
+def stage_failed(console: Console, stage: str, rc: int) -> int:
+    console.print(
+        f"[red]run_all: stage {stage} failed (exit {rc}); earlier artifacts are kept. "
+        f"Fix the cause and rerun the same command: finished stages are skipped.[/]"
+    )
+    return rc
 
 
 def summary_table(rows: list[tuple[str, float, str, str]], total_seconds: float) -> Table:

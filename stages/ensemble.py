@@ -9,8 +9,9 @@ probability (their test-time-augmented probabilities, before any cluster voting)
 member's score standardised over the test chips, since members may use different detectors on different scales
 (higher = more in-distribution, as every member's). When the first run holds a truth.csv, the ensemble is scored
 like a submission. Everything is checked before the new folder <submissions>/<run>/ is made; it gets results.csv,
-predictions.csv, summary.json and, when scored, truth.csv and score.json. No earlier folder is touched, latest.txt
-included.
+predictions.csv, summary.json and, when scored, truth.csv and score.json. No earlier folder is touched; latest.txt
+only with --latest (run_all, whose submission the ensemble is). With --skip-fresh an earlier ensemble of the same
+member runs (same folders, same predictions.csv bytes) is reused instead of written again.
 """
 
 from __future__ import annotations
@@ -22,15 +23,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.artifacts import atomic_write_text, code_version
+from pipeline.artifacts import atomic_write_text, code_version, sha256_file
 from pipeline.data.testset import integer_column, read_csv_table
 from pipeline.errors import UserError, exit_on_user_error
 from pipeline.log import make_console
 from pipeline.report import TRUTH_FILE
 from pipeline.report.build import read_json_object
 from pipeline.submission import (
-    HEADLINE, PREDICTIONS_FILE, RESULTS_FILE, SUMMARY_FILE, latest_submission, new_run_dir, read_truth,
-    score_submission, validate_submission, write_score, write_submission,
+    HEADLINE, PREDICTIONS_FILE, RESULTS_FILE, SUMMARY_FILE, find_fresh_submission, latest_submission, mark_latest,
+    new_run_dir, read_truth, score_submission, validate_submission, write_score, write_submission,
 )
 
 
@@ -60,6 +61,12 @@ def read_member(run_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     summary = read_json_object(run_dir / SUMMARY_FILE, "summary") if (run_dir / SUMMARY_FILE).is_file() else {}
     table = table.assign(image_id=ids)
     return table.sort_values("image_id", kind="stable").reset_index(drop=True), summary
+
+
+def member_inputs(runs: list[Path]) -> dict[str, Any]:
+    """What an ensemble is made from: each member folder and the digest of its predictions (for --skip-fresh)."""
+    return {"ensemble_members": [{"run": str(run.resolve()), "predictions_sha256": sha256_file(run / PREDICTIONS_FILE)}
+                                 for run in runs]}
 
 
 def average_members(members: list[pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -111,28 +118,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--submissions", type=Path, default=None,
                         help="where the ensemble's folder goes (default: the first run's parent)")
     parser.add_argument("--run", default=None, help="name of the new folder (default: a timestamp); never overwritten")
+    parser.add_argument("--latest", action="store_true", help="point <submissions>/latest.txt at the ensemble")
+    parser.add_argument("--skip-fresh", action="store_true",
+                        help="reuse an earlier ensemble of the same member runs in <submissions> instead of a new one")
     args = parser.parse_args(argv)
     if len(args.runs) < 2:
         raise UserError("an ensemble needs two or more submission folders")
     runs = [resolve_run(run) for run in args.runs]
     members, summaries = zip(*(read_member(run) for run in runs))
+    submissions = args.submissions or runs[0].resolve().parent
+    inputs = member_inputs(runs)
+    earlier = find_fresh_submission(submissions, inputs) if args.skip_fresh and submissions.is_dir() else None
+    if earlier is not None:
+        make_console().print(f"[green]ensemble[/]: {earlier} is up to date (same member runs), skipped")
+        if args.latest:
+            mark_latest(submissions, earlier)
+        return 0
     results, predictions = average_members(list(members))
     num_classes = len(_prob_columns(predictions))
     names = _class_names(list(summaries), runs, num_classes)
     validate_submission(results, results["image_id"], num_classes)
     truth = read_truth(runs[0] / TRUTH_FILE, num_classes) if (runs[0] / TRUTH_FILE).is_file() else None
     report = None if truth is None else score_submission(results, truth, num_classes=num_classes)
-    summary = {"ensemble": {"members": [str(run.resolve()) for run in runs],
+    summary = {"inputs": inputs, "ensemble": {"members": [str(run.resolve()) for run in runs],
                             "label": "argmax of the members' mean probability",
                             "score": "mean of the members' OOD scores, each standardised over the test chips"},
                "dataset": summaries[0].get("dataset"), "num_test": len(results), "code_version": code_version(),
                **({} if report is None else {"score": {k: report[k] for k in HEADLINE}})}
-    run_dir = new_run_dir(args.submissions or runs[0].resolve().parent, args.run)  # all checked: now write
+    run_dir = new_run_dir(submissions, args.run)  # all checked: now write
     if truth is not None:
         atomic_write_text(run_dir / TRUTH_FILE, truth.to_csv(index=False))
     write_submission(run_dir, results, predictions, summary, expected_ids=results["image_id"], num_classes=num_classes)
     console = make_console()
     console.print(f"[green]ensemble[/]: {len(members)} runs -> {run_dir / RESULTS_FILE} ({len(results)} rows)")
+    if args.latest:
+        mark_latest(submissions, run_dir)
     if report is not None:
         write_score(run_dir, report, names, console)
     return 0

@@ -143,3 +143,28 @@ def test_a_submissions_folder_stands_for_its_latest_run(tmp_path):
     assert json.loads((tmp_path / "out" / "e" / "score.json").read_text())["accuracy"] == 1.0
     members = json.loads((tmp_path / "out" / "e" / "summary.json").read_text())["ensemble"]["members"]
     assert members == [str((tmp_path / f"seed{s}" / "new").resolve()) for s in range(2)]
+
+
+def test_latest_and_skip_fresh_reuse_an_ensemble_only_of_the_same_member_runs(tmp_path):
+    runs = [_member(tmp_path / f"m{k}", range(k, k + 3), 1.0, seed=k) for k in range(2)]
+    out = tmp_path / "out"
+    args = [*map(str, runs), "--submissions", str(out), "--latest", "--skip-fresh"]
+    assert ensemble.main(args) == 0
+    (first,) = [p for p in out.iterdir() if p.is_dir()]
+    assert (out / "latest.txt").read_text().strip() == first.name
+    (out / "latest.txt").write_text("elsewhere\n")
+    assert ensemble.main(args) == 0  # same members: reused, marked latest again, nothing new
+    assert [p for p in out.iterdir() if p.is_dir()] == [first]
+    assert (out / "latest.txt").read_text().strip() == first.name
+    assert ensemble.main([*map(str, runs), "--submissions", str(out), "--run", "forced"]) == 0  # no --skip-fresh
+    assert (out / "forced" / "results.csv").is_file() and (out / "latest.txt").read_text().strip() == first.name
+    third = _member(tmp_path / "m2", range(5), 1.0, seed=2)  # another member set: a new ensemble
+    assert ensemble.main([str(runs[0]), str(third), "--submissions", str(out), "--latest", "--skip-fresh"]) == 0
+    newest = (out / "latest.txt").read_text().strip()
+    assert newest not in (first.name, "forced") and (out / newest / "results.csv").is_file()
+    # a member folder whose predictions changed is not the same member: the earlier ensemble is not reused
+    table = pd.read_csv(runs[1] / "predictions.csv")
+    table.loc[0, "prob_0"] += 0.01
+    table.to_csv(runs[1] / "predictions.csv", index=False)
+    assert ensemble.main(args) == 0
+    assert len([p for p in out.iterdir() if p.is_dir()]) == 4

@@ -295,3 +295,53 @@ def test_outdated_default_dataset_is_regenerated_and_user_data_never(tmp_path, m
     mine = run_all_module.build_parser().parse_args(["--data", str(user)])
     assert run_all_module.ensure_data(mine, console) == user
     assert "generator_version" not in json.loads((user / "synth_info.json").read_text())
+
+
+# In the finetune_head process of seed 4 only, every training loss becomes NaN (see NAN_LOSS_HOOK).
+NAN_LOSS_HOOK_SEED_4 = NAN_LOSS_HOOK.replace('if "stages.finetune_head" in sys.orig_argv:',
+                                             'if "stages.finetune_head" in sys.orig_argv and "4" in sys.orig_argv:')
+
+
+def test_ensemble_members_train_one_model_per_seed_and_submit_their_average(tmp_path):
+    """ensemble.members 2: seeds 3 and 4 each in weights/seed<S>, submissions/seed<S>; the submission is their
+    average. A failure in the second model keeps the first, and the rerun picks up where it stopped."""
+    data = make_generic(tmp_path / "data", train={"a_cls": 8, "b_cls": 8}, test={"a_cls": 3, "b_cls": 3},
+                        shape=(24, 24), suffix=".png")
+    weights, subs = tmp_path / "weights", tmp_path / "subs"
+    argv = ("--data", str(data), "--train-dir", "train", "--test-dir", "test", "--profile", "tiny", "--seed", "3",
+            "--set", "ensemble.members=2", "--weights", str(weights), "--submissions", str(subs),
+            "--cache-dir", str(tmp_path / "cache"))
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(NAN_LOSS_HOOK_SEED_4)
+    failed = run_all(*argv, pythonpath=(hook,))
+    assert failed.returncode == 2, failed.stdout[-3000:] + failed.stderr[-3000:]
+    assert "stage finetune_head (seed 4) failed" in failed.stdout and "Traceback" not in failed.stderr
+    assert (weights / "seed3" / "sar_final.json").is_file() and not (weights / "seed4" / "sar_final.json").exists()
+    assert (subs / "seed3" / "latest.txt").is_file() and not (subs / "latest.txt").exists()  # no ensemble of one
+    first_member = (subs / "seed3" / "latest.txt").read_text()
+
+    result = run_all(*argv)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_plain_log(result.stdout)
+    rows = summary_rows(result.stdout)
+    stages = ["pretrain_eo", "distill_sar", "finetune_head", "infer"]
+    assert list(rows) == [f"{s} (seed {seed})" for seed in (3, 4) for s in stages] + ["ensemble", "total"]
+    assert all(rows[f"{s} (seed 3)"][0] != "ran" for s in stages)  # the first model was kept
+    assert rows["distill_sar (seed 4)"][0] == "up to date" and rows["finetune_head (seed 4)"][0] == "ran"
+    assert rows["infer (seed 4)"][0] == "ran" and rows["ensemble"][0] == "ran"
+    assert (subs / "seed3" / "latest.txt").read_text() == first_member
+    for seed in (3, 4):  # each model trained with its own seed, in its own folder
+        assert json.loads((weights / f"seed{seed}" / "sar_final.json").read_text())["config"]["seed"] == seed
+        assert rows[f"finetune_head (seed {seed})"][2] == manifest_metric(weights / f"seed{seed}", "sar_final")
+    members = [subs / f"seed{seed}" / (subs / f"seed{seed}" / "latest.txt").read_text().strip() for seed in (3, 4)]
+    run = subs / (subs / "latest.txt").read_text().strip()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["ensemble"]["members"] == [str(m.resolve()) for m in members]
+    probs = np.mean([pd.read_csv(m / "predictions.csv")[["prob_0", "prob_1"]].to_numpy() for m in members], axis=0)
+    results = pd.read_csv(run / "results.csv")
+    assert (results["class_id"].to_numpy() == probs.argmax(axis=1)).all()
+    score = json.loads((run / "score.json").read_text())
+    assert f"balanced accuracy {score['balanced_accuracy']:.4f}" in result.stdout.split("run_all summary", 1)[1]
+    assert f"results: {run / 'results.csv'}" in result.stdout
+    assert sorted(p.name for p in subs.iterdir() if p.is_dir()) == sorted(["seed3", "seed4", run.name])
