@@ -71,7 +71,8 @@ def _manifest_stamps(weights: Path) -> dict[str, int]:
 
 def run_all_command(options: RunOptions, overrides: list[str], seed: int, weights: Path, submissions: Path,
                     force: bool) -> list[str]:
-    """The run_all command line of one run; without `force`, stages whose artifacts are up to date are skipped."""
+    """The run_all command line of one run (one model: ensemble.members 1); without `force`, stages whose artifacts
+    are up to date are skipped."""
     cmd = [sys.executable, "-m", "pipeline.run_all", "--data", str(options.data), "--profile", str(options.profile),
            "--weights", str(weights), "--submissions", str(submissions), "--seed", str(seed),
            "--device", options.device]
@@ -79,8 +80,8 @@ def run_all_command(options: RunOptions, overrides: list[str], seed: int, weight
                         ("--train-dir", options.train_dir), ("--test-dir", options.test_dir)):
         if value:
             cmd += [flag, str(value)]
-    for item in ["ensemble.members=1", *options.overrides, *overrides]:  # one model per seed unless a variant says
-        cmd += ["--set", item]
+    for item in [*options.overrides, *overrides, "ensemble.members=1"]:  # the runs are the seeds: one model each,
+        cmd += ["--set", item]                                            # whose figures are read from weights/
     if force:
         cmd.append("--force")
     return cmd

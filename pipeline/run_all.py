@@ -244,11 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     rows: list[tuple[str, float, str, str]] = []
     total_start = time.perf_counter()
-    members = member_runs(args)
+    stages, members = selected_stages(args), member_runs(args)
     with tempfile.TemporaryDirectory(prefix="run_all-status-") as status_dir:
         for member in members:
             label = "" if len(members) == 1 else f" (seed {member.seed})"
-            for stage in selected_stages(member):
+            for stage in stages:
                 rule(console, f"[bold]{stage}{label}")
                 status_file = Path(status_dir) / f"{len(rows)}-{stage}.json"
                 before = stage_output_stamp(stage, member)
@@ -260,28 +260,38 @@ def main(argv: list[str] | None = None) -> int:
                 metric = "" if reported.get("skipped") else stage_metric(stage, member.weights, reported.get("dataset_fingerprint"))
                 rows.append((stage + label, seconds, status, metric))
                 if rc != 0:
-                    return stage_failed(console, stage + label, rc)
-    if len(members) > 1 and "infer" in selected_stages(args):
+                    return stage_failed(console, stage + label, rc, rows, total_start)
+    if len(members) > 1 and "infer" in stages:
         rule(console, f"[bold]ensemble of {len(members)} seeds")
-        before = stage_output_stamp("infer", args)
+        before_runs = submission_folders(args.submissions)
         start = time.perf_counter()
         rc = subprocess.call(ensemble_command(args, members), cwd=REPO_ROOT, env=env)
-        rows.append(("ensemble", time.perf_counter() - start, stage_status(before, stage_output_stamp("infer", args), {}), ""))
+        status = "ran" if submission_folders(args.submissions) - before_runs else "up to date"
+        rows.append(("ensemble", time.perf_counter() - start, status, ""))
         if rc != 0:
-            return stage_failed(console, "ensemble", rc)
+            return stage_failed(console, "ensemble", rc, rows, total_start)
     console.print(summary_table(rows, time.perf_counter() - total_start))
-    run = latest_submission(args.submissions) if any(r[0].split()[0] in ("infer", "ensemble") for r in rows) else None
+    run = latest_submission(args.submissions) if "infer" in stages else None
     if run is not None:
         summary = json.loads((run / "summary.json").read_text())
         score = summary.get("score")
         console.print(score_line(score) if score else "submission: no test labels available, not scored", highlight=False)
         console.print(f"results: {run / 'results.csv'}", highlight=False)
-        if (run / "report.html").is_file():
-            console.print(f"report: {run / 'report.html'}", highlight=False)
+        reports = [run / "report.html"] if len(members) == 1 else [
+            m_run / "report.html" for m_run in map(latest_submission, (m.submissions for m in members)) if m_run is not None]
+        for report in reports:
+            if report.is_file():
+                console.print(f"report: {report}", highlight=False)
     return 0
 
 
-def stage_failed(console: Console, stage: str, rc: int) -> int:
+def submission_folders(submissions: Path) -> set[str]:
+    return {p.name for p in submissions.iterdir() if p.is_dir()} if submissions.is_dir() else set()
+
+
+def stage_failed(console: Console, stage: str, rc: int, rows: list[tuple[str, float, str, str]], total_start: float) -> int:
+    """The summary of what ran so far and one line on the failed stage; its exit code."""
+    console.print(summary_table(rows, time.perf_counter() - total_start))
     console.print(
         f"[red]run_all: stage {stage} failed (exit {rc}); earlier artifacts are kept. "
         f"Fix the cause and rerun the same command: finished stages are skipped.[/]"

@@ -119,15 +119,29 @@ def new_run_dir(submissions_dir: Path, run: str | None = None) -> Path:
 
 
 def find_fresh_submission(submissions: Path, inputs: dict[str, Any]) -> Path | None:
-    """An earlier submission folder made from exactly these inputs (config, data, model), if any."""
+    """An earlier finished submission folder (results.csv written) made from exactly these inputs, if any."""
     key = json.dumps(inputs, sort_keys=True)
     for summary in sorted(submissions.glob("*/summary.json")):
+        if not (summary.parent / RESULTS_FILE).is_file():  # summary.json is written before results.csv
+            continue
         try:
             if json.dumps(json.loads(summary.read_text()).get("inputs"), sort_keys=True) == key:
                 return summary.parent
         except (OSError, json.JSONDecodeError):
             continue
     return None
+
+
+def reuse_fresh_submission(submissions: Path, inputs: dict[str, Any], name: str, same: str, console: Any,
+                           mark: bool = True) -> Path | None:
+    """`find_fresh_submission`, said on the console ("<name>: <folder> is up to date (same <same>), skipped") and,
+    when `mark`, recorded as the latest run; None when there is none."""
+    earlier = find_fresh_submission(submissions, inputs)
+    if earlier is not None:
+        console.print(f"[green]{name}[/]: {earlier} is up to date (same {same}), skipped")
+        if mark:
+            mark_latest(submissions, earlier)
+    return earlier
 
 
 def mark_latest(submissions: Path, run_dir: Path) -> None:

@@ -30,7 +30,7 @@ from pipeline.log import make_console
 from pipeline.report import TRUTH_FILE
 from pipeline.report.build import read_json_object
 from pipeline.submission import (
-    HEADLINE, PREDICTIONS_FILE, RESULTS_FILE, SUMMARY_FILE, find_fresh_submission, latest_submission, mark_latest,
+    HEADLINE, PREDICTIONS_FILE, RESULTS_FILE, SUMMARY_FILE, latest_submission, mark_latest, reuse_fresh_submission,
     new_run_dir, read_truth, score_submission, validate_submission, write_score, write_submission,
 )
 
@@ -128,11 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     members, summaries = zip(*(read_member(run) for run in runs))
     submissions = args.submissions or runs[0].resolve().parent
     inputs = member_inputs(runs)
-    earlier = find_fresh_submission(submissions, inputs) if args.skip_fresh and submissions.is_dir() else None
-    if earlier is not None:
-        make_console().print(f"[green]ensemble[/]: {earlier} is up to date (same member runs), skipped")
-        if args.latest:
-            mark_latest(submissions, earlier)
+    console = make_console()
+    if args.skip_fresh and reuse_fresh_submission(submissions, inputs, "ensemble", "member runs", console, mark=args.latest):
         return 0
     results, predictions = average_members(list(members))
     num_classes = len(_prob_columns(predictions))
@@ -149,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     if truth is not None:
         atomic_write_text(run_dir / TRUTH_FILE, truth.to_csv(index=False))
     write_submission(run_dir, results, predictions, summary, expected_ids=results["image_id"], num_classes=num_classes)
-    console = make_console()
     console.print(f"[green]ensemble[/]: {len(members)} runs -> {run_dir / RESULTS_FILE} ({len(results)} rows)")
     if args.latest:
         mark_latest(submissions, run_dir)

@@ -27,7 +27,7 @@ from pipeline.ood.fit import resolve_detector
 from pipeline.report import REPORT_FILE, TRUTH_FILE, write_report_safely
 from pipeline.stage import build_parser, holds_weights_lock, load_model, parent_digests, prepare_stage
 from pipeline.submission import (
-    HEADLINE, find_fresh_submission, mark_latest, new_run_dir, score_submission, write_score, write_submission,
+    HEADLINE, mark_latest, new_run_dir, reuse_fresh_submission, score_submission, write_score, write_submission,
 )
 
 STAGE = "infer"
@@ -50,10 +50,8 @@ def main(argv: list[str] | None = None) -> int:
               "test_fingerprint": ctx.packed.test_fingerprint, "parents": parents}
     if choice is not None:  # infer.ood.method auto: the chosen detector is an input too
         inputs["ood_choice"] = {"method": detector.name, "params": detector.params()}
-    earlier = find_fresh_submission(args.submissions, inputs) if ctx.skip_fresh else None
+    earlier = reuse_fresh_submission(args.submissions, inputs, STAGE, "config, data and model", ctx.console) if ctx.skip_fresh else None
     if earlier is not None:
-        ctx.console.print(f"[green]{STAGE}[/]: {earlier} is up to date (same config, data and model), skipped")
-        mark_latest(args.submissions, earlier)
         if not (earlier / REPORT_FILE).exists():  # a run made before reports existed gets one now
             write_report_safely(earlier, ctx.cfg.report, ctx.console)
         return 0

@@ -298,8 +298,9 @@ def test_outdated_default_dataset_is_regenerated_and_user_data_never(tmp_path, m
 
 
 # In the finetune_head process of seed 4 only, every training loss becomes NaN (see NAN_LOSS_HOOK).
-NAN_LOSS_HOOK_SEED_4 = NAN_LOSS_HOOK.replace('if "stages.finetune_head" in sys.orig_argv:',
-                                             'if "stages.finetune_head" in sys.orig_argv and "4" in sys.orig_argv:')
+NAN_LOSS_HOOK_SEED_4 = NAN_LOSS_HOOK.replace(
+    'if "stages.finetune_head" in sys.orig_argv:',
+    'if "stages.finetune_head" in sys.orig_argv and sys.orig_argv[sys.orig_argv.index("--seed") + 1] == "4":')
 
 
 def test_ensemble_members_train_one_model_per_seed_and_submit_their_average(tmp_path):
@@ -345,3 +346,24 @@ def test_ensemble_members_train_one_model_per_seed_and_submit_their_average(tmp_
     assert f"balanced accuracy {score['balanced_accuracy']:.4f}" in result.stdout.split("run_all summary", 1)[1]
     assert f"results: {run / 'results.csv'}" in result.stdout
     assert sorted(p.name for p in subs.iterdir() if p.is_dir()) == sorted(["seed3", "seed4", run.name])
+
+
+def test_ensemble_members_seeds_folders_and_command(tmp_path):
+    """Seeds start at --seed, else at the config's seed (profile or --set); each member has its own folders; the
+    ensemble reuses an earlier one of the same members unless --force."""
+    parse = run_all_module.build_parser().parse_args
+    base = ["--profile", "tiny", "--weights", str(tmp_path / "w"), "--submissions", str(tmp_path / "s")]
+    assert run_all_module.member_runs(parse(base)) == [parse(base)]  # one model: the folders as given
+    for extra, seeds in ((["--set", "ensemble.members=3"], [0, 1, 2]),
+                         (["--set", "ensemble.members=2", "--set", "seed=7"], [7, 8]),
+                         (["--set", "ensemble.members=2", "--set", "seed=7", "--seed", "2"], [2, 3])):
+        args = parse([*base, *extra])
+        members = run_all_module.member_runs(args)
+        assert [m.seed for m in members] == seeds
+        assert [m.weights for m in members] == [tmp_path / "w" / f"seed{s}" for s in seeds]
+        assert [m.submissions for m in members] == [tmp_path / "s" / f"seed{s}" for s in seeds]
+        assert all(m.profile == "tiny" and m.overrides == args.overrides for m in members)
+        cmd = run_all_module.ensemble_command(args, members)
+        assert cmd[3:] == [*(str(tmp_path / "s" / f"seed{s}") for s in seeds), "--submissions", str(tmp_path / "s"),
+                           "--latest", "--skip-fresh"]
+        assert "--skip-fresh" not in run_all_module.ensemble_command(parse([*base, *extra, "--force"]), members)
