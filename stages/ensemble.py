@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from rich.table import Table
 
 from pipeline.artifacts import atomic_write_text, code_version, sha256_file
 from pipeline.data.testset import integer_column, read_csv_table
@@ -151,7 +152,22 @@ def main(argv: list[str] | None = None) -> int:
         mark_latest(submissions, run_dir)
     if report is not None:
         write_score(run_dir, report, names, console)
+        print_member_scores(list(summaries), runs, summary["score"], console)
     return 0
+
+
+def print_member_scores(summaries: list[dict[str, Any]], runs: list[Path], ensemble: dict[str, Any], console: Any) -> None:
+    """Each member's headline score (from its summary.json, where it has one) beside the ensemble's."""
+    table = Table(title="members and their ensemble")
+    table.add_column("run")
+    for key in HEADLINE:
+        table.add_column(key.replace("_", " "), justify="right")
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) and np.isfinite(v) else "n/a"  # noqa: E731
+    for run, summary in zip(runs, summaries):
+        score = summary.get("score") if isinstance(summary.get("score"), dict) else {}
+        table.add_row(f"{run.parent.name}/{run.name}", *(fmt(score.get(key)) for key in HEADLINE))
+    table.add_row("ensemble", *(fmt(ensemble.get(key)) for key in HEADLINE))
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.inference import prediction_tables
 from pipeline.metrics import auroc
-from pipeline.submission import write_submission
+from pipeline.submission import HEADLINE, score_submission, write_submission
 from stages import ensemble
 
 N_IN, N_OOD, CLASSES = 30, 6, 3
@@ -37,15 +37,21 @@ def _member(folder: Path, wrong: range, scale: float, seed: int, ids: np.ndarray
     out = SimpleNamespace(voting=voting, probs=probs, logits=np.log(probs), score=score, energy=score)
     results, predictions = prediction_tables(ids, np.array([f"c/{i}.png" for i in ids]), out)
     folder.mkdir(parents=True)
-    pd.DataFrame({"image_id": ids, "class_id": truth}).to_csv(folder / "truth.csv", index=False)
-    write_submission(folder, results, predictions, {"dataset": {"classes": list(names)}}, expected_ids=ids,
-                     num_classes=classes)
+    truth_table = pd.DataFrame({"image_id": ids, "class_id": truth})
+    truth_table.to_csv(folder / "truth.csv", index=False)
+    score = score_submission(results, truth_table, num_classes=classes) if classes == CLASSES else {}
+    write_submission(folder, results, predictions, {"dataset": {"classes": list(names)},
+                                                    "score": {k: score.get(k) for k in HEADLINE}},
+                     expected_ids=ids, num_classes=classes)
     return folder
 
 
-def test_the_mean_probability_corrects_each_members_own_errors_and_scores_are_standardised(tmp_path):
+def test_the_mean_probability_corrects_each_members_own_errors_and_scores_are_standardised(tmp_path, capsys):
     runs = [_member(tmp_path / f"m{k}", range(10 * k, 10 * k + 10), scale=1000.0 ** k, seed=k) for k in range(3)]
     assert ensemble.main([*map(str, runs), "--submissions", str(tmp_path / "out"), "--run", "e"]) == 0
+    table = capsys.readouterr().out.split("members and their ensemble", 1)[1]  # each member's accuracy, then its own
+    rows = [line.split("│")[1:-1] for line in table.splitlines() if line.startswith("│")]
+    assert [row[1].strip() for row in rows] == ["0.6667"] * 3 + ["1.0000"] and rows[-1][0].strip() == "ensemble"
     out = tmp_path / "out" / "e"
     results = pd.read_csv(out / "results.csv")
     truth = pd.read_csv(out / "truth.csv")
