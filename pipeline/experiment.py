@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.artifacts import ARTIFACT_OF_STAGE, ArtifactPaths
-from pipeline.submission import SCORE_FILE, latest_submission
+from pipeline.errors import UserError
+from pipeline.submission import SCORE_FILE, latest_submission, submission_folders
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TEST_KEYS = ("accuracy", "balanced_accuracy", "auroc", "competition_score")
@@ -80,6 +81,9 @@ def run_all_command(options: RunOptions, overrides: list[str], seed: int, weight
                         ("--train-dir", options.train_dir), ("--test-dir", options.test_dir)):
         if value:
             cmd += [flag, str(value)]
+    if any(item.split("=", 1)[0].strip() == "ensemble.members" for item in [*options.overrides, *overrides]):
+        raise UserError("ensemble.members: an experiment's runs are its seeds, one model each (their figures are read "
+                        "from weights/); leave it out, and average finished runs with python -m stages.ensemble")
     for item in [*options.overrides, *overrides, "ensemble.members=1"]:  # the runs are the seeds: one model each,
         cmd += ["--set", item]                                            # whose figures are read from weights/
     if force:
@@ -99,7 +103,7 @@ def run_pipeline(options: RunOptions, overrides: list[str], seed: int, weights: 
     weights.mkdir(parents=True, exist_ok=True)
     submissions.mkdir(parents=True, exist_ok=True)
     before = _manifest_stamps(weights)
-    known_subs = {p.name for p in submissions.iterdir() if p.is_dir()}
+    known_subs = submission_folders(submissions)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     start = time.perf_counter()
     with log.open("w") as out:
@@ -126,7 +130,7 @@ def run_pipeline(options: RunOptions, overrides: list[str], seed: int, weights: 
         metrics[f"test_{key}"] = float(value) if isinstance(value, (int, float)) else float("nan")
     if rc != 0:
         metrics = {k: float("nan") for k in metrics}  # a failed run's leftovers are not its figures
-    tail = "\n".join(log.read_text().splitlines()[-15:]) if rc != 0 else ""
+    tail = "\n".join(log.read_text().splitlines()[-40:]) if rc != 0 else ""  # the stage's error, the summary table
     return RunResult(exit_code=rc, seconds=seconds, stages_run=stages_run, metrics=metrics, log_tail=tail)
 
 

@@ -4,8 +4,9 @@ With ensemble.members N > 1 (the full profile), the stages run once per seed (se
 <weights>/seed<S>/ and <submissions>/seed<S>/) and stages.ensemble averages the N submissions into <submissions>.
 
 Each stage runs in its own process (under torchrun with --gpus N > 1). A stage whose artifact is up to
-date (same config, dataset and parents) is skipped by the stage itself unless --force. A failing stage
-ends the run with its own message and exit code; earlier artifacts stay, and a rerun picks up there.
+date (same config, dataset and parents) is skipped by the stage itself unless --force. A failing stage ends the
+run with its own message, the summary table so far (its row says failed) and its exit code; earlier artifacts
+stay, and a rerun picks up there.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pipeline.ood.fit import choice_path
 from pipeline.config import load_config
 from pipeline.registry import ARTIFACT_OF_STAGE, PIPELINE, TRAINING_STAGES
 from pipeline.status import read_status
-from pipeline.submission import latest_submission
+from pipeline.submission import latest_submission, submission_folders
 
 ROBUSTNESS_STAGE, ROBUSTNESS_ARTIFACT = "robustness", "sar_final"  # run after infer when robustness.enabled
 SELECT_OOD_STAGE = "select_ood"  # run before infer when infer.ood.method is auto
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 rc = subprocess.call(stage_command(stage, member, data, status_file), cwd=REPO_ROOT, env=env)
                 seconds = time.perf_counter() - start
                 reported = read_status(status_file)
-                status = stage_status(before, stage_output_stamp(stage, member), reported)
+                status = f"failed (exit {rc})" if rc != 0 else stage_status(before, stage_output_stamp(stage, member), reported)
                 metric = "" if reported.get("skipped") else stage_metric(stage, member.weights, reported.get("dataset_fingerprint"))
                 rows.append((stage + label, seconds, status, metric))
                 if rc != 0:
@@ -266,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         before_runs = submission_folders(args.submissions)
         start = time.perf_counter()
         rc = subprocess.call(ensemble_command(args, members), cwd=REPO_ROOT, env=env)
-        status = "ran" if submission_folders(args.submissions) - before_runs else "up to date"
+        status = (f"failed (exit {rc})" if rc != 0 else
+                  "ran" if submission_folders(args.submissions) - before_runs else "up to date")
         rows.append(("ensemble", time.perf_counter() - start, status, ""))
         if rc != 0:
             return stage_failed(console, "ensemble", rc, rows, total_start)
@@ -283,10 +285,6 @@ def main(argv: list[str] | None = None) -> int:
             if report.is_file():
                 console.print(f"report: {report}", highlight=False)
     return 0
-
-
-def submission_folders(submissions: Path) -> set[str]:
-    return {p.name for p in submissions.iterdir() if p.is_dir()} if submissions.is_dir() else set()
 
 
 def stage_failed(console: Console, stage: str, rc: int, rows: list[tuple[str, float, str, str]], total_start: float) -> int:

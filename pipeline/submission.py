@@ -144,6 +144,11 @@ def reuse_fresh_submission(submissions: Path, inputs: dict[str, Any], name: str,
     return earlier
 
 
+def submission_folders(submissions: Path) -> set[str]:
+    """Names of the folders in `submissions` (none when it does not exist)."""
+    return {p.name for p in Path(submissions).iterdir() if p.is_dir()} if Path(submissions).is_dir() else set()
+
+
 def mark_latest(submissions: Path, run_dir: Path) -> None:
     """Record the newest (or re-confirmed) submission folder in <submissions>/latest.txt."""
     atomic_write_text(submissions / "latest.txt", run_dir.name + "\n")

@@ -98,18 +98,21 @@ def test_ablate_bad_input_is_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2 and done.stderr.strip().startswith("error: --data") and "Traceback" not in done.stderr
 
 
-def test_experiment_runs_train_one_model_per_seed_even_where_a_profile_or_variant_asks_for_an_ensemble(tmp_path) -> None:
+def test_experiment_runs_train_one_model_per_seed_whatever_the_profile_and_refuse_an_ensemble(tmp_path) -> None:
     """The full profile averages 3 seeds; an experiment's runs are seeds themselves, so each trains one model into
-    weights/ (whose manifests it reads its validation figures from), whatever the profile or a variant says."""
+    weights/ (whose manifests it reads its validation figures from); a variant asking for more is refused."""
     from pipeline.config import load_config
     from pipeline.experiment import run_all_command
     from pipeline.run_all import build_parser, member_runs
 
     options = RunOptions(data=tmp_path, profile="full", overrides=["infer.batch_size=64"])
     assert load_config("full", []).ensemble.members == 3
-    for variant in ([], ["ensemble.members=2"]):
-        cmd = run_all_command(options, variant, seed=1, weights=tmp_path / "w", submissions=tmp_path / "s", force=False)
-        args = build_parser().parse_args(cmd[3:])
-        assert load_config(args.profile, args.overrides).ensemble.members == 1
-        (member,) = member_runs(args)
-        assert member.weights == tmp_path / "w" and member.seed == 1
+    cmd = run_all_command(options, [], seed=1, weights=tmp_path / "w", submissions=tmp_path / "s", force=False)
+    args = build_parser().parse_args(cmd[3:])
+    assert load_config(args.profile, args.overrides).ensemble.members == 1
+    (member,) = member_runs(args)
+    assert member.weights == tmp_path / "w" and member.seed == 1
+    for variant, extra in ((["ensemble.members=2"], []), ([], [" ensemble.members = 3"])):
+        with pytest.raises(UserError, match="ensemble.members"):
+            run_all_command(RunOptions(data=tmp_path, overrides=extra), variant, seed=1, weights=tmp_path / "w",
+                            submissions=tmp_path / "s", force=False)

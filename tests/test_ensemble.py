@@ -175,8 +175,9 @@ def test_latest_and_skip_fresh_reuse_an_ensemble_only_of_the_same_member_runs(tm
     assert ensemble.main(args) == 0
     assert len([p for p in out.iterdir() if p.is_dir()]) == 4
     latest = (out / "latest.txt").read_text()
+    (out / "latest.txt").write_text("elsewhere\n")
     assert ensemble.main([*args[:-2], "--skip-fresh"]) == 0  # reused, and without --latest latest.txt is left alone
-    assert len([p for p in out.iterdir() if p.is_dir()]) == 4 and (out / "latest.txt").read_text() == latest
+    assert len([p for p in out.iterdir() if p.is_dir()]) == 4 and (out / "latest.txt").read_text() == "elsewhere\n"
     # a folder left unfinished (summary.json written, results.csv not) is never reused as the submission
     (out / latest.strip() / "results.csv").unlink()
     assert ensemble.main(args) == 0

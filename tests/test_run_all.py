@@ -172,6 +172,8 @@ def test_failure_in_stage_3_keeps_earlier_artifacts_and_rerun_continues(workspac
     failed = run_all(*flags(ws), "--force", "--from", "finetune_head", pythonpath=(hook,))
     assert failed.returncode == 2, failed.stdout[-3000:] + failed.stderr[-3000:]
     assert "finetune_head failed" in failed.stdout
+    rows = summary_rows(failed.stdout)  # the table so far, the failed stage saying so
+    assert list(rows) == ["finetune_head", "total"] and rows["finetune_head"][0] == "failed (exit 2)"
     assert failed.stderr.strip().splitlines()[-1].startswith("error: training diverged: non-finite loss at epoch 1")
     assert "Traceback" not in failed.stderr
     # every artifact file is as it was, byte for byte: no partial sar_final, no temporary or .prev file
@@ -318,6 +320,7 @@ def test_ensemble_members_train_one_model_per_seed_and_submit_their_average(tmp_
     failed = run_all(*argv, pythonpath=(hook,))
     assert failed.returncode == 2, failed.stdout[-3000:] + failed.stderr[-3000:]
     assert "stage finetune_head (seed 4) failed" in failed.stdout and "Traceback" not in failed.stderr
+    assert summary_rows(failed.stdout)["finetune_head (seed 4)"][0] == "failed (exit 2)"
     assert (weights / "seed3" / "sar_final.json").is_file() and not (weights / "seed4" / "sar_final.json").exists()
     assert (subs / "seed3" / "latest.txt").is_file() and not (subs / "latest.txt").exists()  # no ensemble of one
     first_member = (subs / "seed3" / "latest.txt").read_text()
