@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
+import numbers
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -265,8 +267,9 @@ def score_submission(results: pd.DataFrame, truth: pd.DataFrame, num_classes: in
     }
 
 
-def _fmt(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
+def format_figure(value: Any, digits: int = 4) -> str:
+    """A metric as text with `digits` decimals; "-" when it is missing or not a finite number."""
+    return f"{value:.{digits}f}" if isinstance(value, numbers.Real) and math.isfinite(value) else "-"
 
 
 def print_score_report(report: dict[str, Any], class_names: list[str] | tuple[str, ...], console: Any) -> None:
@@ -278,15 +281,15 @@ def print_score_report(report: dict[str, Any], class_names: list[str] | tuple[st
     for col in ("competition score", "accuracy (ID)", "AUROC", "balanced acc", "macro F1", "ID / OOD / unscored"):
         head.add_column(col, justify="right")
     head.add_row(
-        _fmt(report["competition_score"]),
-        _fmt(report["accuracy"]),
-        _fmt(report["auroc"]),
-        _fmt(report["balanced_accuracy"]),
-        _fmt(report["macro_f1"]),
+        format_figure(report["competition_score"]),
+        format_figure(report["accuracy"]),
+        format_figure(report["auroc"]),
+        format_figure(report["balanced_accuracy"]),
+        format_figure(report["macro_f1"]),
         f"{counts['in_distribution']} / {counts['ood']} / {counts['unscored']}",
     )
     console.print(head)
-    if _fmt(report["auroc"]) == "-":  # NaN in memory, null once read back from score.json
+    if format_figure(report["auroc"]) == "-":  # NaN in memory, null once read back from score.json
         console.print("AUROC n/a (no out-of-distribution test chips), so no competition score")
 
     recall = Table(title="Per-class recall (in-distribution)")
@@ -295,7 +298,7 @@ def print_score_report(report: dict[str, Any], class_names: list[str] | tuple[st
     recall.add_column("support", justify="right")
     recall.add_column("recall", justify="right")
     for i, name in enumerate(class_names):
-        recall.add_row(str(i), name, str(report["per_class_support"][i]), _fmt(report["per_class_recall"][i], 3))
+        recall.add_row(str(i), name, str(report["per_class_support"][i]), format_figure(report["per_class_recall"][i], 3))
     console.print(recall)
 
     matrix = Table(title="Confusion matrix (rows: true, columns: predicted)")

@@ -31,8 +31,9 @@ from pipeline.log import make_console
 from pipeline.report import TRUTH_FILE
 from pipeline.report.build import read_json_object
 from pipeline.submission import (
-    HEADLINE, PREDICTIONS_FILE, RESULTS_FILE, SUMMARY_FILE, latest_submission, mark_latest, reuse_fresh_submission,
-    new_run_dir, read_truth, score_submission, validate_submission, write_score, write_submission,
+    HEADLINE, PREDICTIONS_FILE, RESULTS_FILE, SUMMARY_FILE, format_figure, latest_submission, mark_latest,
+    new_run_dir, read_truth, reuse_fresh_submission, score_submission, validate_submission, write_score,
+    write_submission,
 )
 
 
@@ -162,11 +163,10 @@ def print_member_scores(summaries: list[dict[str, Any]], runs: list[Path], ensem
     table.add_column("run")
     for key in HEADLINE:
         table.add_column(key.replace("_", " "), justify="right")
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, (int, float)) and np.isfinite(v) else "n/a"  # noqa: E731
     for run, summary in zip(runs, summaries):
         score = summary.get("score") if isinstance(summary.get("score"), dict) else {}
-        table.add_row(f"{run.parent.name}/{run.name}", *(fmt(score.get(key)) for key in HEADLINE))
-    table.add_row("ensemble", *(fmt(ensemble.get(key)) for key in HEADLINE))
+        table.add_row(f"{run.parent.name}/{run.name}", *(format_figure(score.get(key)) for key in HEADLINE))
+    table.add_row("ensemble", *(format_figure(ensemble.get(key)) for key in HEADLINE))
     console.print(table)
 
 

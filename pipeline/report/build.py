@@ -259,10 +259,6 @@ class _Plots:
         return img(png, alt=name, caption=caption)
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
-    return "n/a" if not isinstance(value, (int, float)) or not math.isfinite(value) else f"{value:.{digits}f}"
-
-
 def _headline(run: RunData) -> Section:
     section = Section("Summary")
     s = run.summary
