@@ -228,20 +228,25 @@ class FinetuneStageConfig(TrainConfig):
 
 
 ViewSet = Annotated[list[Literal[VIEWS]], Field(min_length=1)]  # type: ignore[valid-type]
-TTA_CANDIDATES = [["identity"], ["identity", "hflip"], ["identity", "vflip"], ["identity", "hflip", "vflip", "rot180"],
-                  ["identity", "shift_up", "shift_down", "shift_left", "shift_right"]]
+SHIFT_VIEW_SET = ["identity", "shift_up", "shift_down", "shift_left", "shift_right"]
+TTA_CANDIDATES = [["identity"], ["identity", "hflip"], ["identity", "vflip"], ["identity", "hflip", "vflip", "rot180"], SHIFT_VIEW_SET]
 
 
 class TTAConfig(Section):
     views: Union[ViewSet, Auto] = _f(
         "auto", f"views averaged at test: a list of {' | '.join(VIEWS)} (only views the model was trained to see), or auto: "
-        "the candidate set with the highest validation balanced accuracy (a multi-view set only if it beats identity alone)"
+        "the candidate set with the highest validation balanced accuracy (another set than infer.tta.baseline only if it beats it)"
     )
     candidates: Annotated[list[ViewSet], Field(min_length=1)] = _f(
-        TTA_CANDIDATES, "views auto: the view sets compared on the validation split (identity alone is always compared too)"
+        TTA_CANDIDATES, "views auto: the view sets compared on the validation split (identity alone and the baseline are always compared too)"
+    )
+    baseline: ViewSet = _f(
+        SHIFT_VIEW_SET, "views auto: the set kept unless a candidate beats it on validation (and used without a validation split); "
+        "the centre window and its four shifts by 3% of the chip (inside the training margin): on a 3-fold CV of MSTAR training chips, 4 seeds, +0.0018 +- 0.0005 "
+        "balanced accuracy over identity alone, which a saturated validation split could not show (README, TTA)"
     )
     min_gain_se: NonNegative = _f(
-        1.0, "views auto: a set replaces identity alone only if its validation gain exceeds this many paired standard errors (0: any gain)"
+        1.0, "views auto: a set replaces the baseline only if its validation gain exceeds this many paired standard errors (0: any gain)"
     )
     scales: Annotated[list[Positive], Field(min_length=1)] = _f([1.0], "rescaled views (1.0: chips keep their physical scale)")
     average: Literal["logits", "probs"] = _f("logits", "average logits or probabilities over views")

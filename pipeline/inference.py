@@ -107,20 +107,20 @@ def resolve_views(
     model: torch.nn.Module, cfg: InferConfig, device: torch.device,
     val_split: Callable[[], tuple[Any, np.ndarray]] | None,
 ) -> ResolvedViews:
-    """The TTA views to use. Given ones are kept. `auto`: each view of `infer.tta.candidates` (and
-    identity) goes through one forward over `val_split()` = (validation dataset, its labels), and the
-    candidate set with the highest validation balanced accuracy is taken (`choose_views`); without a
-    validation split, identity alone."""
+    """The TTA views to use. Given ones are kept. `auto`: each view of `infer.tta.candidates`, of
+    `infer.tta.baseline` and identity goes through one forward over `val_split()` = (validation dataset, its
+    labels), and the baseline is kept unless a candidate set beats it (`choose_views`); without a validation
+    split, the baseline."""
     if cfg.tta.views != "auto":
         return ResolvedViews(cfg, ViewChoice(list(cfg.tta.views), "infer.tta.views is given"))
     if val_split is None:
-        choice = ViewChoice(["identity"], "no validation split to choose on: identity alone", auto=True)
+        choice = ViewChoice(list(cfg.tta.baseline), "no validation split to choose on: the baseline views", auto=True)
         return ResolvedViews(with_views(cfg, choice.views), choice)
     dataset, labels = val_split()
-    names = [v for v in VIEW_NAMES if v == "identity" or any(v in views for views in cfg.tta.candidates)]
+    names = [v for v in VIEW_NAMES if v == "identity" or any(v in views for views in [*cfg.tta.candidates, cfg.tta.baseline])]
     per_view = dict(zip(names, predict_view_sets(model, dataset, cfg, device, [[v] for v in names])))
     choice = choose_views({v: p[0] for v, p in per_view.items()}, labels, cfg.tta.candidates, cfg.tta.average,
-                          cfg.tta.min_gain_se)
+                          cfg.tta.min_gain_se, cfg.tta.baseline)
     return ResolvedViews(with_views(cfg, choice.views), choice, combine_views(per_view, choice.views, cfg.tta.average))
 
 

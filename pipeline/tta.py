@@ -248,43 +248,44 @@ def _set_name(views: list[str] | tuple[str, ...]) -> str:
 
 def choose_views(
     per_view_scores: dict[str, np.ndarray], labels: np.ndarray, candidates: list[list[str]], average: str,
-    min_gain_se: float,
+    min_gain_se: float, baseline: list[str] | tuple[str, ...] = ("identity",),
 ) -> ViewChoice:
     """The candidate view set with the highest validation balanced accuracy; ties go to fewer views.
 
     `per_view_scores[v]`: validation class scores (N, C) of view `v` alone (averaged over the scales);
-    `labels`: the validation labels. Identity alone is always compared, and another set is eligible
-    only if its gain over identity exceeds `min_gain_se` paired standard errors (0: any gain), so a
-    multi-view set is taken only if it beats identity. The table rows: views, n_views,
-    balanced_accuracy, se (its binomial standard error), gain and gain_se (over identity alone, paired),
-    chosen.
+    `labels`: the validation labels. `baseline` (infer.tta.baseline) and identity alone are always compared,
+    and another set replaces the baseline only if its gain over it exceeds `min_gain_se` paired standard
+    errors (0: any gain), so a noisy or saturated validation split keeps the baseline. The table rows:
+    views, n_views, balanced_accuracy, se (its binomial standard error), gain and gain_se (over the baseline,
+    paired), chosen.
     """
-    for views in candidates:
+    for views in [*candidates, list(baseline)]:
         check_views(views)
     labels = np.asarray(labels, dtype=np.int64)
-    sets: list[tuple[str, ...]] = [("identity",)]
-    for views in candidates:
+    sets: list[tuple[str, ...]] = [tuple(baseline)]
+    for views in [["identity"], *candidates]:
         if tuple(views) not in sets:
             sets.append(tuple(views))
     missing = sorted({v for s in sets for v in s} - set(per_view_scores))
     if missing:
         raise ValueError(f"no validation scores for view(s) {', '.join(missing)}")
     num_classes = next(iter(per_view_scores.values())).shape[1]
-    rows, identity_pred = [], per_view_scores["identity"].argmax(axis=1)
+    rows, baseline_pred = [], combine_class_scores([per_view_scores[v] for v in sets[0]], average).argmax(axis=1)
     for views in sets:
         pred = combine_class_scores([per_view_scores[v] for v in views], average).argmax(axis=1)
         metrics = classification_metrics(labels, pred, num_classes)
-        gain, gain_se = paired_balanced_accuracy_gain(labels, identity_pred, pred)
+        gain, gain_se = paired_balanced_accuracy_gain(labels, baseline_pred, pred)
         rows.append({"views": _set_name(views), "n_views": len(views), "balanced_accuracy": metrics["balanced_accuracy"],
                      "se": metrics["balanced_accuracy_se"], "gain": gain, "gain_se": gain_se})
     eligible = [0] + [i for i in range(1, len(rows)) if rows[i]["gain"] > 0 and rows[i]["gain"] > min_gain_se * rows[i]["gain_se"]]
     best = min(eligible, key=lambda i: (-rows[i]["balanced_accuracy"], rows[i]["n_views"], i))
     for i, row in enumerate(rows):
         row["chosen"] = i == best
+    kept = "identity alone" if sets[0] == ("identity",) else f"the baseline {rows[0]['views']}"
     if best != 0:
-        reason = f"beats identity alone on validation by {rows[best]['gain']:+.4f} ± {rows[best]['gain_se']:.4f} balanced accuracy"
+        reason = f"beats {kept} on validation by {rows[best]['gain']:+.4f} ± {rows[best]['gain_se']:.4f} balanced accuracy"
     elif min_gain_se > 0 and any(r["gain"] > 0 for r in rows):
-        reason = f"no candidate set beats identity alone on validation by more than {min_gain_se:g} paired standard errors"
+        reason = f"no candidate set beats {kept} on validation by more than {min_gain_se:g} paired standard errors"
     else:
-        reason = "no candidate set beats identity alone on validation"
+        reason = f"no candidate set beats {kept} on validation"
     return ViewChoice(list(sets[best]), reason, auto=True, table=rows)

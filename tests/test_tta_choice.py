@@ -12,7 +12,7 @@ from pipeline.config import InferConfig
 from pipeline.errors import UserError
 from pipeline.inference import predict, resolve_views, run_inference, with_views
 from pipeline.ood import make_detector
-from pipeline.tta import choose_views
+from pipeline.tta import choose_views, combine_class_scores
 
 CPU = torch.device("cpu")
 CANDIDATES = [["identity"], ["identity", "hflip"], ["identity", "vflip"], ["identity", "hflip", "vflip", "rot180"]]
@@ -89,6 +89,32 @@ def test_choose_views_takes_the_fewest_views_that_help_and_keeps_identity_otherw
     assert row["gain"] == pytest.approx(0.02, abs=0.01) and 0 < row["gain_se"] < row["gain"] < 3 * row["gain_se"]
 
 
+def test_choose_views_keeps_the_baseline_unless_a_candidate_beats_it() -> None:
+    rng = np.random.default_rng(1)
+    labels = np.arange(200) % 4
+    truth = np.eye(4)[labels]
+    shifts = ["identity", "shift_up", "shift_down", "shift_left", "shift_right"]
+    # each view alone is noisy, their average much less so: the 5-view baseline beats identity alone clearly
+    scores = {v: truth + rng.normal(0, 1, (200, 4)) * 1.2 for v in [*shifts, "hflip", "vflip", "rot180"]}
+    base = choose_views(scores, labels, CANDIDATES, "logits", min_gain_se=1.0, baseline=shifts)
+    rows = {r["views"]: r for r in base.table}
+    assert base.views == shifts and base.table[0]["views"] == "+".join(shifts) and base.table[0]["chosen"]
+    assert rows["identity"]["gain"] < -0.1  # identity is compared, against the baseline
+    assert "the baseline identity+shift_up" in base.reason
+    # a candidate right on 2 more chips than the baseline (gain about 1.4 paired s.e.) replaces it at 0 s.e., not at 2
+    tied = dict(scores)
+    baseline_scores = combine_class_scores([scores[v] for v in shifts], "logits")
+    wrong = np.flatnonzero(baseline_scores.argmax(axis=1) != labels)
+    tied["hflip"] = baseline_scores.copy()
+    tied["hflip"][wrong[:2]] = truth[wrong[:2]] * 100
+    assert choose_views(tied, labels, [["hflip"]], "logits", min_gain_se=2.0, baseline=shifts).views == shifts
+    assert choose_views(tied, labels, [["hflip"]], "logits", min_gain_se=0.0, baseline=shifts).views == ["hflip"]
+    # the default of every profile that chooses: the shift set, which the tiny profile does not use
+    assert config.load_config("quick").infer.tta.baseline == shifts == config.load_config("full").infer.tta.baseline
+    with pytest.raises(UserError, match=r"infer\.tta\.baseline"):
+        config.load_config("quick", ["infer.tta.baseline=[identity, spin]"])
+
+
 def test_paired_balanced_accuracy_gain_by_hand() -> None:
     from pipeline.metrics import paired_balanced_accuracy_gain
 
@@ -121,7 +147,7 @@ def test_resolve_views_reuses_per_view_outputs_exactly(average: str) -> None:
     for reused, fresh in zip(resolved.validation, direct):
         np.testing.assert_allclose(reused, fresh, rtol=1e-5, atol=1e-6)
     fallback = resolve_views(model, cfg, CPU, None)
-    assert fallback.choice.views == ["identity"] and "no validation split" in fallback.choice.reason
+    assert fallback.choice.views == config.SHIFT_VIEW_SET and "no validation split" in fallback.choice.reason
     given = resolve_views(model, with_views(cfg, ["vflip"]), CPU, lambda: pytest.fail("given views read no validation"))
     assert given.choice.views == ["vflip"] and not given.choice.auto
 
@@ -141,4 +167,4 @@ def test_run_inference_uses_the_chosen_views_for_test_and_ood_fit() -> None:
     _, test_logits, test_emb = predict(model, test, chosen, CPU)
     np.testing.assert_allclose(out.score, by_hand.score(logits=test_logits, embeddings=test_emb), rtol=1e-5, atol=1e-6)
     record = out.tta.record()
-    assert record["auto"] and record["views"] == ["identity", "hflip"] and len(record["validation"]) == 4
+    assert record["auto"] and record["views"] == ["identity", "hflip"] and len(record["validation"]) == 5
