@@ -114,7 +114,7 @@ def resolve_views(
     if cfg.tta.views != "auto":
         return ResolvedViews(cfg, ViewChoice(list(cfg.tta.views), "infer.tta.views is given"))
     if val_split is None:
-        choice = ViewChoice(list(cfg.tta.baseline), "no validation split to choose on: the baseline views", auto=True)
+        choice = ViewChoice(list(cfg.tta.baseline), f"no validation split to choose on: the baseline {'+'.join(cfg.tta.baseline)}", auto=True)
         return ResolvedViews(with_views(cfg, choice.views), choice)
     dataset, labels = val_split()
     names = [v for v in VIEW_NAMES if v == "identity" or any(v in views for views in [*cfg.tta.candidates, cfg.tta.baseline])]

@@ -250,12 +250,13 @@ def choose_views(
     per_view_scores: dict[str, np.ndarray], labels: np.ndarray, candidates: list[list[str]], average: str,
     min_gain_se: float, baseline: list[str] | tuple[str, ...] = ("identity",),
 ) -> ViewChoice:
-    """The candidate view set with the highest validation balanced accuracy; ties go to fewer views.
+    """The baseline view set, unless a candidate beats it on validation: then the best one (ties go to fewer views).
 
     `per_view_scores[v]`: validation class scores (N, C) of view `v` alone (averaged over the scales);
     `labels`: the validation labels. `baseline` (infer.tta.baseline) and identity alone are always compared,
     and another set replaces the baseline only if its gain over it exceeds `min_gain_se` paired standard
-    errors (0: any gain), so a noisy or saturated validation split keeps the baseline. The table rows:
+    errors (0: any gain), so a noisy or saturated validation split keeps the baseline (a set that only ties it
+    does not replace it, even with fewer views). The table rows:
     views, n_views, balanced_accuracy, se (its binomial standard error), gain and gain_se (over the baseline,
     paired), chosen.
     """

@@ -1,7 +1,7 @@
 """Stage 4: predict the SAR test chips and write a submission folder.
 
-Test-time augmentation averaged in one batched forward per batch (infer.tta.views auto: the candidate
-view set with the best validation balanced accuracy, for the test chips and the OOD detector's fit);
+Test-time augmentation averaged in one batched forward per batch (infer.tta.views auto: infer.tta.baseline
+unless a candidate view set beats it on validation, for the test chips and the OOD detector's fit);
 faiss k-means on the test embeddings with winner-take-all label correction inside confident, pure
 clusters (when infer.cluster.enabled); an OOD score per chip (higher = more in-distribution) from the
 detector `infer.ood.method` (knn, mahalanobis and vim are fitted once on the training split's

@@ -102,16 +102,17 @@ def test_choose_views_keeps_the_baseline_unless_a_candidate_beats_it() -> None:
     assert rows["identity"]["gain"] < -0.1  # identity is compared, against the baseline
     assert "the baseline identity+shift_up" in base.reason
     # a candidate right on 2 more chips than the baseline (gain about 1.4 paired s.e.) replaces it at 0 s.e., not at 2
-    tied = dict(scores)
+    better = dict(scores)
     baseline_scores = combine_class_scores([scores[v] for v in shifts], "logits")
     wrong = np.flatnonzero(baseline_scores.argmax(axis=1) != labels)
-    tied["hflip"] = baseline_scores.copy()
-    tied["hflip"][wrong[:2]] = truth[wrong[:2]] * 100
-    assert choose_views(tied, labels, [["hflip"]], "logits", min_gain_se=2.0, baseline=shifts).views == shifts
-    assert choose_views(tied, labels, [["hflip"]], "logits", min_gain_se=0.0, baseline=shifts).views == ["hflip"]
-    # identity alone by default (chosen on the quick replica), the shift set in the full profile (chosen on MSTAR CV)
-    assert config.load_config("quick").infer.tta.baseline == ["identity"]
-    assert config.load_config("full").infer.tta.baseline == shifts == config.SHIFT_VIEW_SET
+    better["hflip"] = baseline_scores.copy()
+    better["hflip"][wrong[:2]] = truth[wrong[:2]] * 100
+    assert choose_views(better, labels, [["hflip"]], "logits", min_gain_se=2.0, baseline=shifts).views == shifts
+    assert choose_views(better, labels, [["hflip"]], "logits", min_gain_se=0.0, baseline=shifts).views == ["hflip"]
+    tied = {**better, "hflip": baseline_scores}  # a true tie with one view against five: the baseline stays
+    assert choose_views(tied, labels, [["hflip"]], "logits", min_gain_se=0.0, baseline=shifts).views == shifts
+    # identity alone by default (chosen on the quick replica's validation), in every profile
+    assert config.load_config("quick").infer.tta.baseline == ["identity"] == config.load_config("full").infer.tta.baseline
     with pytest.raises(UserError, match=r"infer\.tta\.baseline"):
         config.load_config("quick", ["infer.tta.baseline=[identity, spin]"])
 
@@ -150,7 +151,11 @@ def test_resolve_views_reuses_per_view_outputs_exactly(average: str) -> None:
     fallback = resolve_views(model, cfg, CPU, None)
     assert fallback.choice.views == ["identity"] and "no validation split" in fallback.choice.reason
     shifted = resolve_views(model, cfg.model_copy(update={"tta": cfg.tta.model_copy(update={"baseline": config.SHIFT_VIEW_SET})}), CPU, None)
-    assert shifted.choice.views == config.SHIFT_VIEW_SET and "the baseline views" in shifted.choice.reason
+    assert shifted.choice.views == config.SHIFT_VIEW_SET and "the baseline identity+shift_up" in shifted.choice.reason
+    # the config key reaches the choice: the shift set is compared first and identity+hflip beats it
+    chosen = resolve_views(model, _cfg(baseline=config.SHIFT_VIEW_SET), CPU, lambda: (val, labels))
+    assert chosen.choice.table[0]["views"] == "+".join(config.SHIFT_VIEW_SET) and chosen.choice.views == ["identity", "hflip"]
+    assert "beats the baseline identity+shift_up" in chosen.choice.reason
     given = resolve_views(model, with_views(cfg, ["vflip"]), CPU, lambda: pytest.fail("given views read no validation"))
     assert given.choice.views == ["vflip"] and not given.choice.auto
 
