@@ -150,7 +150,7 @@ def test_resolve_views_reuses_per_view_outputs_exactly(average: str) -> None:
         np.testing.assert_allclose(reused, fresh, rtol=1e-5, atol=1e-6)
     fallback = resolve_views(model, cfg, CPU, None)
     assert fallback.choice.views == ["identity"] and "no validation split" in fallback.choice.reason
-    shifted = resolve_views(model, cfg.model_copy(update={"tta": cfg.tta.model_copy(update={"baseline": config.SHIFT_VIEW_SET})}), CPU, None)
+    shifted = resolve_views(model, _cfg(baseline=config.SHIFT_VIEW_SET), CPU, None)
     assert shifted.choice.views == config.SHIFT_VIEW_SET and "the baseline identity+shift_up" in shifted.choice.reason
     # the config key reaches the choice: the shift set is compared first and identity+hflip beats it
     chosen = resolve_views(model, _cfg(baseline=config.SHIFT_VIEW_SET), CPU, lambda: (val, labels))
