@@ -271,9 +271,9 @@ def choose_views(
     if missing:
         raise ValueError(f"no validation scores for view(s) {', '.join(missing)}")
     num_classes = next(iter(per_view_scores.values())).shape[1]
-    rows, baseline_pred = [], combine_class_scores([per_view_scores[v] for v in sets[0]], average).argmax(axis=1)
-    for views in sets:
-        pred = combine_class_scores([per_view_scores[v] for v in views], average).argmax(axis=1)
+    preds = [combine_class_scores([per_view_scores[v] for v in views], average).argmax(axis=1) for views in sets]
+    rows, baseline_pred = [], preds[0]
+    for views, pred in zip(sets, preds):
         metrics = classification_metrics(labels, pred, num_classes)
         gain, gain_se = paired_balanced_accuracy_gain(labels, baseline_pred, pred)
         rows.append({"views": _set_name(views), "n_views": len(views), "balanced_accuracy": metrics["balanced_accuracy"],
